@@ -1,0 +1,1 @@
+"""Raw formats -> validated events -> vocabularies -> user sequences -> splits."""
