@@ -1,0 +1,125 @@
+"""`rec-serve deploy --model URI [--replicas N]`: serve an exported model over HTTP until stopped.
+
+It connects to the Ray cluster in `RAY_ADDRESS` (or `--address`) or starts a local one, starts Serve
+on `--host`/`--port`, deploys `build_app`, prints the URL and a `curl` to try, and blocks until
+Ctrl-C or SIGTERM, then shuts Serve down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from types import FrameType
+
+from rec_train.config import ConfigError, validate
+from rec_train.errors import RayrecError
+from rec_train.storage import StorageError
+
+
+def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="exported model folder: path, file:// or s3:// URI")
+    parser.add_argument("--replicas", type=int, default=1, help="fixed number of replicas (default 1)")
+    parser.add_argument(
+        "--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas instead of --replicas"
+    )
+    parser.add_argument(
+        "--target-ongoing-requests", type=float, default=8.0, help="autoscaling target per replica"
+    )
+    parser.add_argument("--max-ongoing-requests", type=int, default=64)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
+    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    parser.add_argument(
+        "--api-key-env", help="environment variable holding the key clients send as X-API-Key"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local cluster)")
+
+
+def serve_args(ns: argparse.Namespace) -> dict[str, object]:
+    """Command-line flags -> the `ServeArgs` fields."""
+    args: dict[str, object] = {
+        "model": ns.model,
+        "replicas": ns.replicas,
+        "max_ongoing_requests": ns.max_ongoing_requests,
+        "max_batch_size": ns.max_batch_size,
+        "batch_wait_timeout_s": ns.batch_wait_timeout_s,
+        "num_cpus": ns.num_cpus,
+        "api_key_env": ns.api_key_env,
+    }
+    if ns.autoscale:
+        low, sep, high = ns.autoscale.partition(":")
+        if not sep or not low.isdigit() or not high.isdigit():
+            raise ConfigError(f"--autoscale {ns.autoscale!r} must look like MIN:MAX, e.g. 1:4")
+        args["autoscaling"] = {
+            "min_replicas": int(low),
+            "max_replicas": int(high),
+            "target_ongoing_requests": ns.target_ongoing_requests,
+        }
+    return args
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def deploy(ns: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from rec_serve.app import APP_NAME, build_app
+    from rec_serve.schemas import ServeArgs
+
+    args = validate(ServeArgs, serve_args(ns), source="rec-serve deploy")
+    address = ns.address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        serve.start(http_options={"host": ns.host, "port": ns.port})
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+        url = f"http://{'127.0.0.1' if ns.host == '0.0.0.0' else ns.host}:{ns.port}"
+        key = f' -H "X-API-Key: ${args.api_key_env}"' if args.api_key_env else ""
+        print(
+            f"rayrec is serving {args.model} at {url}\n"
+            f"  try:  curl -s -X POST {url}/v1/recommend -H 'Content-Type: application/json'{key}"
+            ' -d \'{"history": ["ITEM_ID"], "k": 5}\'\n'
+            f"  model: curl -s {url}/v1/model{key}\n"
+            f"  API:   {url}/docs\n"
+            "  stop:  Ctrl-C (or kill -TERM this process)",
+            flush=True,
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping rayrec", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="rec-serve", description="Serve a rayrec model with Ray Serve.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_deploy_arguments(
+        sub.add_parser("deploy", help="deploy an exported model over HTTP and block until stopped")
+    )
+    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return deploy(ns)
+    except (RayrecError, ConfigError, StorageError) as exc:
+        print(f"rec-serve {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

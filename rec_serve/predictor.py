@@ -1,0 +1,347 @@
+"""Top-k recommendations from an exported model folder, with no Ray in sight.
+
+`Predictor.load(uri)` reads the folder that `rec-train export` writes (docs/formats.md): the
+weights (safetensors only), the item table with titles, every known user's history, the model
+version and its metrics. The item embedding matrix is computed once; a request is then a forward
+pass over the user's history and a top-k over `user vector . item matrix`.
+
+    predictor = Predictor.load("s3://bucket/models/ml-1m")
+    [response] = predictor.recommend_batch([RecommendRequest(user_id="42", k=10, explain=True)])
+
+`recommend_batch` pads the histories of many requests together (grouped into length buckets) so a
+serving replica answers a whole batch of concurrent requests with one forward pass per bucket.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from rec_train import storage
+from rec_train.data.collate import pad_left
+from rec_train.errors import RayrecError
+from rec_train.model import RecModel
+
+REQUIRED_FILES = ("config.json", "model.safetensors", "items.parquet", "histories.parquet", "rayrec.json")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "model.bin", "pytorch_model.bin.index.json")
+
+
+class ModelFolderError(RayrecError):
+    """An exported model folder that cannot be served; the message names the file and the fix."""
+
+
+class RequestError(RayrecError):
+    """A request that cannot be answered as given (HTTP 422); the message says what to change."""
+
+
+class NotFoundError(RayrecError):
+    """A user or item id the model does not know (HTTP 404)."""
+
+
+@dataclass
+class RecommendRequest:
+    """A user (known `user_id`) and/or a `history` of item ids, oldest first."""
+
+    user_id: str | None = None
+    history: list[str] | None = None
+    k: int = 10
+    exclude_history: bool = True
+    exclude: list[str] = field(default_factory=list)
+    explain: bool = False
+
+
+@dataclass
+class Recommendation:
+    item_id: str
+    score: float
+    title: str | None
+    because: list[str] | None = None
+
+
+@dataclass
+class RecommendResponse:
+    items: list[Recommendation]
+    model_version: str
+    unknown_items: list[str]
+    fallback: bool
+    message: str | None = None
+
+
+@dataclass
+class PreparedRequest:
+    """A request with ids resolved to item indices; ready for a batched forward pass."""
+
+    history: list[int]  # item indices, oldest first, unknown ids dropped
+    excluded: list[int]  # item indices never to return
+    k: int
+    explain: bool
+    unknown_items: list[str]
+    from_user: bool
+
+
+def _read_table(path: Path, columns: list[str]) -> Any:
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise ModelFolderError(
+            f"{path}: not a readable parquet file ({exc}); re-run rec-train export"
+        ) from exc
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise ModelFolderError(
+            f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(table.column_names)});"
+            " see docs/formats.md 'Exported model'"
+        )
+    return table
+
+
+def check_model_folder(uri: str) -> storage.Location:
+    """Fail early, naming the file, unless `uri` holds an exported model with safetensors weights."""
+    loc = storage.resolve(uri)
+    if not storage.is_dir(loc):
+        raise ModelFolderError(f"{loc.uri}: no such model folder; give the --output of rec-train export")
+    missing = [name for name in REQUIRED_FILES if not storage.is_file(loc.join(name))]
+    if missing:
+        pickled = [name for name in PICKLE_WEIGHTS if storage.is_file(loc.join(name))]
+        hint = (
+            f" (found pickle weights {', '.join(pickled)}, which are never loaded: re-save with"
+            " save_pretrained(safe_serialization=True))"
+            if pickled
+            else "; re-run rec-train export"
+        )
+        raise ModelFolderError(f"{loc.uri}: missing {', '.join(missing)}{hint}")
+    return loc
+
+
+def _bucket(length: int) -> int:
+    """Length bucket of a history: the next power of two, so similar lengths share a forward pass."""
+    return 1 << max(0, math.ceil(math.log2(max(1, length))))
+
+
+class Predictor:
+    """An exported model in memory, answering recommendation, similar-item and item look-ups."""
+
+    def __init__(
+        self,
+        model: RecModel,
+        items: Any,
+        histories: dict[str, list[int]],
+        info: dict[str, Any],
+        metrics: dict[str, Any],
+        source: str,
+        explain_items: int = 3,
+    ) -> None:
+        self.model = model.eval()
+        self.source = source
+        self.info = info
+        self.metrics = metrics
+        self.model_version = str(info.get("model_version", "unknown"))
+        self.explain_items = explain_items
+        self.max_seq_len = int(
+            getattr(model.config, "max_seq_len", 0) or model.config.max_position_embeddings
+        )
+
+        index = items.column("item_index").to_numpy().astype(np.int64)
+        self.num_items = int(index.max()) if len(index) else 0
+        self.item_ids: list[str | None] = [None] * (self.num_items + 1)
+        self.titles: list[str | None] = [None] * (self.num_items + 1)
+        self.counts = np.zeros(self.num_items + 1, dtype=np.int64)
+        for i, item_id, title, count in zip(
+            index.tolist(),
+            items.column("item_id").to_pylist(),
+            items.column("title").to_pylist(),
+            items.column("count").to_pylist(),
+            strict=True,
+        ):
+            self.item_ids[i], self.titles[i], self.counts[i] = str(item_id), title, int(count or 0)
+        self.item_index = {item_id: i for i, item_id in enumerate(self.item_ids) if item_id is not None}
+        self.histories = histories
+        # Most popular first; padding row 0 never appears.
+        self.popular = [int(i) for i in np.argsort(-self.counts[1:], kind="stable") + 1]
+
+        with torch.no_grad():
+            matrix = model.item_embeddings().float()  # [num_items + 1, d]
+        if matrix.shape[0] != self.num_items + 1:
+            raise ModelFolderError(
+                f"{source}: the model has {matrix.shape[0] - 1} items but items.parquet has {self.num_items};"
+                " the folder mixes two exports - re-run rec-train export"
+            )
+        self.item_matrix = matrix
+        self.item_unit = torch.nn.functional.normalize(matrix, dim=-1)  # [num_items + 1, d]
+
+    # ---------------------------------------------------------------- loading
+
+    @classmethod
+    def load(cls, uri: str, cache_dir: str | None = None, explain_items: int = 3) -> Predictor:
+        """Load an exported model from a local path, `file://` or `s3://` URI (downloaded first)."""
+        loc = check_model_folder(uri)
+        local = storage.local_copy(loc, cache_dir or tempfile.mkdtemp(prefix="rayrec-model-"))
+        model = RecModel.from_pretrained(str(local), use_safetensors=True)
+        items = _read_table(local / "items.parquet", ["item_index", "item_id", "title", "count"])
+        hist_table = _read_table(local / "histories.parquet", ["user_id", "items"])
+        histories = {
+            str(user): [int(i) for i in seq or []]
+            for user, seq in zip(
+                hist_table.column("user_id").to_pylist(), hist_table.column("items").to_pylist(), strict=True
+            )
+        }
+        info = storage.read_json(storage.resolve(str(local / "rayrec.json")))
+        metrics_path = local / "metrics.json"
+        metrics = storage.read_json(storage.resolve(str(metrics_path))) if metrics_path.is_file() else {}
+        return cls(model, items, histories, info, metrics, source=loc.uri, explain_items=explain_items)
+
+    # ---------------------------------------------------------------- requests
+
+    def prepare(self, request: RecommendRequest) -> PreparedRequest:
+        """Resolve ids to indices; raises `NotFoundError` for an unknown user, `RequestError` if invalid."""
+        if request.k < 1:
+            raise RequestError(f"k must be at least 1, got {request.k}")
+        history: list[int] = []
+        if request.user_id is not None:
+            if request.user_id not in self.histories:
+                raise NotFoundError(
+                    f"unknown user_id {request.user_id!r}; send the user's recent items as 'history' instead"
+                )
+            history = list(self.histories[request.user_id])
+        unknown: list[str] = []
+        for item_id in request.history or []:
+            index = self.item_index.get(item_id)
+            if index is None:
+                unknown.append(item_id)
+            else:
+                history.append(index)
+        excluded = {self.item_index[i] for i in request.exclude if i in self.item_index}
+        if request.exclude_history:
+            excluded.update(history)
+        return PreparedRequest(
+            history=history,
+            excluded=sorted(excluded),
+            k=request.k,
+            explain=request.explain,
+            unknown_items=unknown,
+            from_user=request.user_id is not None,
+        )
+
+    def recommend_batch(self, requests: list[RecommendRequest]) -> list[RecommendResponse]:
+        """Answer many requests together; raises on the first request that cannot be answered."""
+        return self.recommend_prepared([self.prepare(r) for r in requests])
+
+    def recommend(self, request: RecommendRequest) -> RecommendResponse:
+        return self.recommend_batch([request])[0]
+
+    def recommend_prepared(self, prepared: list[PreparedRequest]) -> list[RecommendResponse]:
+        """Popularity for empty histories; one forward pass per history-length bucket for the rest."""
+        responses: list[RecommendResponse | None] = [None] * len(prepared)
+        buckets: dict[int, list[int]] = defaultdict(list)
+        for n, p in enumerate(prepared):
+            if p.history:
+                buckets[_bucket(min(len(p.history), self.max_seq_len))].append(n)
+            else:
+                responses[n] = self._popular(p)
+        for members in buckets.values():
+            for n, response in zip(members, self._rank([prepared[n] for n in members]), strict=True):
+                responses[n] = response
+        return [r for r in responses if r is not None]
+
+    @torch.no_grad()
+    def _rank(self, batch: list[PreparedRequest]) -> list[RecommendResponse]:
+        input_ids, attention_mask = pad_left([p.history for p in batch], self.max_seq_len)  # [B, L]
+        users = self.model.encode_users(input_ids, attention_mask).float()  # [B, d]
+        scores = users @ self.item_matrix.T  # [B, num_items + 1]
+        scores[:, 0] = -math.inf
+        for row, p in enumerate(batch):
+            if p.excluded:
+                scores[row, torch.as_tensor(p.excluded, dtype=torch.long)] = -math.inf
+        k_max = min(max(p.k for p in batch), self.num_items)
+        top_scores, top_ids = scores.topk(k_max, dim=-1)  # [B, k_max]
+
+        because = None
+        if any(p.explain for p in batch):
+            n = min(self.explain_items, input_ids.shape[1])
+            because = self.model.explain(input_ids, attention_mask, top_ids, n)  # [B, k_max, n]
+
+        responses = []
+        for row, p in enumerate(batch):
+            items = []
+            for col in range(min(p.k, k_max)):
+                score = float(top_scores[row, col])
+                if score == -math.inf:  # fewer candidates than k
+                    break
+                index = int(top_ids[row, col])
+                reasons = None
+                if p.explain and because is not None:
+                    reasons = list(
+                        dict.fromkeys(self.item_ids[int(h)] for h in because[row, col].tolist() if int(h) > 0)
+                    )
+                items.append(Recommendation(self.item_ids[index] or "", score, self.titles[index], reasons))
+            responses.append(RecommendResponse(items, self.model_version, p.unknown_items, fallback=False))
+        return responses
+
+    def _popular(self, p: PreparedRequest) -> RecommendResponse:
+        """Most popular items (score = share of all events) for a request without a usable history."""
+        excluded = set(p.excluded)
+        total = max(1, int(self.counts.sum()))
+        items = []
+        for index in self.popular:
+            if len(items) == p.k:
+                break
+            if index not in excluded:
+                items.append(
+                    Recommendation(
+                        self.item_ids[index] or "",
+                        float(self.counts[index]) / total,
+                        self.titles[index],
+                        [] if p.explain else None,
+                    )
+                )
+        if p.unknown_items:
+            reason = "none of the history items are known to this model"
+        elif p.from_user:
+            reason = "this user has no history"
+        else:
+            reason = "the request has no history"
+        message = f"{reason}; returning the most popular items"
+        return RecommendResponse(items, self.model_version, p.unknown_items, fallback=True, message=message)
+
+    # ---------------------------------------------------------------- items
+
+    def similar_items(self, item_id: str, k: int = 10) -> list[Recommendation]:
+        """The `k` items whose embeddings have the highest cosine similarity with `item_id`'s."""
+        index = self.item_index.get(item_id)
+        if index is None:
+            raise NotFoundError(f"unknown item_id {item_id!r}; GET /v1/items/{{item_id}} lists what is known")
+        sims = self.item_unit @ self.item_unit[index]  # [num_items + 1]
+        sims[0] = -math.inf
+        sims[index] = -math.inf
+        top_sims, top_ids = (
+            sims.topk(min(k, self.num_items - 1)) if self.num_items > 1 else (sims[:0], sims[:0])
+        )
+        return [
+            Recommendation(self.item_ids[int(i)] or "", float(s), self.titles[int(i)])
+            for s, i in zip(top_sims.tolist(), top_ids.tolist(), strict=True)
+        ]
+
+    def item(self, item_id: str) -> dict[str, Any]:
+        index = self.item_index.get(item_id)
+        if index is None:
+            raise NotFoundError(f"unknown item_id {item_id!r}")
+        return {"item_id": item_id, "title": self.titles[index], "count": int(self.counts[index])}
+
+    def describe(self) -> dict[str, Any]:
+        """Model version, source, sizes and training metrics (for GET /v1/model)."""
+        return {
+            "model_version": self.model_version,
+            "source": self.source,
+            "num_items": self.num_items,
+            "num_users": len(self.histories),
+            "max_seq_len": self.max_seq_len,
+            "metrics": self.metrics,
+        }

@@ -1,0 +1,156 @@
+"""Typed arguments of the serving app and the JSON bodies of its HTTP API (OpenAPI at /docs)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rec_train.config import StrictModel
+
+MAX_K = 1000
+MAX_HISTORY = 1000
+MAX_ID_LENGTH = 256
+
+# --------------------------------------------------------------------- app arguments
+
+
+class AutoscalingArgs(StrictModel):
+    """Replicas follow load: Serve adds one when each has more than `target_ongoing_requests`."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> AutoscalingArgs:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})"
+            )
+        return self
+
+
+class BatchArgs(StrictModel):
+    """`user_config` of the deployment: changed live through `reconfigure`, no restart."""
+
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
+
+
+class ServeArgs(StrictModel):
+    """Arguments of `build_app`: `serve run rec_serve.app:build_app model=URI replicas=2`."""
+
+    model: str = Field(description="exported model folder: a local path, file:// or s3:// URI")
+    replicas: int = Field(1, ge=1, description="fixed replica count (ignored when autoscaling is set)")
+    autoscaling: AutoscalingArgs | None = None
+    max_ongoing_requests: int = Field(64, ge=1, description="requests a replica accepts before callers queue")
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica")
+    api_key_env: str | None = Field(
+        None, description="environment variable holding the API key clients send as X-API-Key"
+    )
+    max_body_bytes: int = Field(65536, ge=1024, description="larger request bodies get 413")
+    explain_items: int = Field(3, ge=1, le=20, description="history items named in 'because'")
+
+    def batch(self) -> BatchArgs:
+        return BatchArgs(max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s)
+
+
+# --------------------------------------------------------------------- HTTP bodies
+
+
+class Body(BaseModel):
+    """Request bodies: unknown fields and loose types are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+ItemId = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+
+
+class RecommendBody(Body):
+    user_id: str | None = Field(
+        None, min_length=1, max_length=MAX_ID_LENGTH, description="a user the model was trained on"
+    )
+    history: list[ItemId] | None = Field(
+        None,
+        max_length=MAX_HISTORY,
+        description="item ids the user interacted with, oldest first (added after a known user's history)",
+    )
+    k: int = Field(10, ge=1, le=MAX_K, description="number of items to return")
+    exclude_history: bool = Field(True, description="never return items already in the history")
+    exclude: list[ItemId] = Field(
+        default_factory=list, max_length=MAX_K, description="item ids never to return"
+    )
+    explain: bool = Field(False, description="name the history items behind each recommendation")
+
+    @model_validator(mode="after")
+    def _who(self) -> RecommendBody:
+        if self.user_id is None and self.history is None:
+            raise ValueError("give 'user_id' (a known user) or 'history' (a list of item ids), or both")
+        return self
+
+
+class SimilarBody(Body):
+    item_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    k: int = Field(10, ge=1, le=MAX_K)
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    score: float
+    title: str | None = None
+    because: list[str] | None = Field(None, description="history items behind this one (with explain)")
+
+
+class RecommendResponseBody(BaseModel):
+    items: list[RecommendedItem]
+    model_version: str
+    unknown_items: list[str] = Field(description="history ids the model does not know; they were ignored")
+    fallback: bool = Field(description="true when no history was usable and popular items were returned")
+    message: str | None = None
+
+
+class SimilarResponseBody(BaseModel):
+    item_id: str
+    items: list[RecommendedItem]
+    model_version: str
+
+
+class ItemBody(BaseModel):
+    item_id: str
+    title: str | None
+    count: int = Field(description="events with this item in the training data")
+
+
+class ServingStats(BaseModel):
+    replica: str
+    requests: int
+    batches: int
+    mean_batch_size: float
+    max_batch_size_seen: int
+    max_batch_size: int
+    batch_wait_timeout_s: float
+
+
+class ModelBody(BaseModel):
+    model_version: str
+    source: str
+    num_items: int
+    num_users: int
+    max_seq_len: int
+    metrics: dict[str, Any]
+    serving: ServingStats
+
+
+class HealthBody(BaseModel):
+    status: str
+    model_version: str
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="what is wrong and how to fix it")
+    details: list[str] = Field(default_factory=list)
+    request_id: str | None = None

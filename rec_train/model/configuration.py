@@ -1,0 +1,127 @@
+"""`RecConfig`: everything that defines a rayrec model, saved as `config.json` next to the weights."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+ENCODERS = ("llama", "bert", "sasrec", "hstu")
+CAUSAL_ENCODERS = ("llama", "sasrec", "hstu")
+ITEM_REPRESENTATIONS = ("id", "text", "id+text")
+FUSIONS = ("sum", "concat", "gate")
+OBJECTIVES = ("next_item", "masked_item")
+LOSSES = ("full_softmax", "sampled_softmax")
+NEGATIVE_SAMPLERS = ("in_batch", "uniform", "popularity")
+POINTWISE_HEADS = ("rating", "click")
+
+
+class RecConfig(PretrainedConfig):
+    """A sequential recommender: item representation -> transformer encoder -> user vector . item vectors.
+
+    `hidden_size` (d) is the width of item and user vectors; the transformer runs at
+    `backbone_hidden_size` (D, default d) with linear projections in and out where the two differ,
+    so a pretrained language-model backbone can sit between item vectors of any width.
+    """
+
+    model_type = "rayrec"
+
+    # items
+    num_items: int = 1000
+    hidden_size: int = 64
+    item_representation: str = "id"
+    fusion: str = "sum"
+    text_dim: int = 0
+    # sequence encoder
+    encoder: str = "llama"
+    backbone_hidden_size: int | None = None
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int | None = None
+    intermediate_size: int = 256
+    hidden_act: str = "silu"
+    max_seq_len: int = 200
+    embedding_dropout: float = 0.1
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    hstu_num_buckets: int = 32
+    initializer_range: float = 0.02
+    backbone_source: str | None = None
+    # objective
+    objective: str = "next_item"
+    loss: str = "full_softmax"
+    negative_sampler: str = "in_batch"
+    num_negatives: int = 128
+    temperature: float = 1.0
+    l2_normalize: bool = False
+    logq_correction: bool = False
+    mask_prob: float = 0.2
+    pointwise_head: str | None = None
+
+    def __post_init__(self, **kwargs) -> None:
+        super().__post_init__(**kwargs)
+        self.check()
+
+    def check(self) -> None:
+        """Raise `ValueError` naming the key, its value and the allowed values."""
+        choices = {
+            "encoder": ENCODERS,
+            "item_representation": ITEM_REPRESENTATIONS,
+            "fusion": FUSIONS,
+            "objective": OBJECTIVES,
+            "loss": LOSSES,
+            "negative_sampler": NEGATIVE_SAMPLERS,
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.pointwise_head is not None and self.pointwise_head not in POINTWISE_HEADS:
+            raise ValueError(
+                f"model.pointwise_head={self.pointwise_head!r} is not one of {', '.join(POINTWISE_HEADS)} or null"
+            )
+        for key in ("num_items", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_seq_len",
+                    "intermediate_size", "num_negatives"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if self.uses_text and self.text_dim < 1:
+            raise ValueError(
+                f"model.item_representation={self.item_representation!r} needs model.text_dim (the width of "
+                "item_text_embeddings.safetensors, e.g. 384 for all-MiniLM-L6-v2); run `rec-train embed-items` first"
+            )
+        width = self.backbone_width
+        if width % self.num_attention_heads:
+            raise ValueError(
+                f"the backbone width {width} is not divisible by model.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.num_key_value_heads is not None and self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"model.num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.objective == "masked_item" and self.encoder != "bert":
+            raise ValueError(
+                f"model.objective='masked_item' needs a bidirectional encoder: set model.encoder='bert' "
+                f"(got {self.encoder!r})"
+            )
+        if self.encoder == "bert" and self.objective != "masked_item":
+            raise ValueError("model.encoder='bert' sees the whole sequence: set model.objective='masked_item'")
+        if not 0.0 < self.temperature:
+            raise ValueError(f"model.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.mask_prob < 1.0:
+            raise ValueError(f"model.mask_prob must be in [0, 1), got {self.mask_prob}")
+
+    @property
+    def uses_ids(self) -> bool:
+        return self.item_representation in ("id", "id+text")
+
+    @property
+    def uses_text(self) -> bool:
+        return self.item_representation in ("text", "id+text")
+
+    @property
+    def backbone_width(self) -> int:
+        return self.backbone_hidden_size or self.hidden_size
+
+    @property
+    def is_causal(self) -> bool:
+        return self.encoder in CAUSAL_ENCODERS

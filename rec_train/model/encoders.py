@@ -1,0 +1,244 @@
+"""Sequence encoders: `forward(x [B, L, D], attention_mask [B, L], position_ids [B, L]) -> [B, L, D]`.
+
+Histories are left-padded, so positions are counted from each user's oldest real item
+(`position_ids = cumsum(attention_mask) - 1`): the same history gives the same output however
+much padding sits in front of it. Every encoder takes a boolean mask built by `attention_allowed`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, LlamaConfig
+from transformers.activations import ACT2FN
+from transformers.models.bert.modeling_bert import BertLayer
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from rec_train.model.configuration import RecConfig
+
+
+def attention_allowed(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """bool [B, 1, L, L], True where query i may attend to key j.
+
+    Real keys only (and, when causal, no later key). A padded query attends to itself so no row is
+    empty (an all-masked row would make SDPA return NaN); padded outputs are never read.
+    """
+    length = attention_mask.shape[-1]
+    device = attention_mask.device
+    allowed = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, L]
+    if causal:
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    return allowed | torch.eye(length, dtype=torch.bool, device=device)  # [B, 1, L, L]
+
+
+def llama_config(config: RecConfig) -> LlamaConfig:
+    """The `LlamaConfig` the decoder layers are built from (not saved: derived from `RecConfig`)."""
+    return LlamaConfig(
+        vocab_size=1,
+        hidden_size=config.backbone_width,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads or config.num_attention_heads,
+        hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_seq_len + 1,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        attention_dropout=config.attention_dropout,
+        bos_token_id=None,
+        eos_token_id=None,
+        attn_implementation="sdpa",
+    )
+
+
+def bert_config(config: RecConfig) -> BertConfig:
+    return BertConfig(
+        vocab_size=1,
+        hidden_size=config.backbone_width,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        hidden_act=config.hidden_act,
+        hidden_dropout_prob=config.hidden_dropout,
+        attention_probs_dropout_prob=config.attention_dropout,
+        max_position_embeddings=config.max_seq_len + 1,
+        layer_norm_eps=config.norm_eps,
+        attn_implementation="sdpa",
+    )
+
+
+class LlamaEncoder(nn.Module):
+    """Causal decoder: Llama blocks (RMSNorm, rotary positions, gated SiLU MLP) from `transformers`."""
+
+    causal = True
+
+    def __init__(self, config: RecConfig) -> None:
+        super().__init__()
+        lc = llama_config(config)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(lc, i) for i in range(config.num_hidden_layers)])
+        self.norm = LlamaRMSNorm(lc.hidden_size, eps=lc.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(lc)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        allowed = attention_allowed(attention_mask, causal=True)
+        rotary = self.rotary_emb(x, position_ids)  # (cos, sin) each [B, L, head_dim]
+        for layer in self.layers:
+            x = layer(x, attention_mask=allowed, position_embeddings=rotary)
+        return self.norm(x)
+
+
+class BertEncoder(nn.Module):
+    """Bidirectional encoder: BERT blocks (post-LN) from `transformers`, learned absolute positions."""
+
+    causal = False
+
+    def __init__(self, config: RecConfig) -> None:
+        super().__init__()
+        bc = bert_config(config)
+        self.position_embeddings = nn.Embedding(config.max_seq_len + 1, bc.hidden_size)
+        self.norm = nn.LayerNorm(bc.hidden_size, eps=bc.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList([BertLayer(bc, layer_idx=i) for i in range(config.num_hidden_layers)])
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        allowed = attention_allowed(attention_mask, causal=False)
+        x = self.dropout(self.norm(x + self.position_embeddings(position_ids)))
+        for layer in self.layers:
+            x = layer(x, attention_mask=allowed)
+        return x
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through `F.scaled_dot_product_attention`."""
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.o_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        b, length, width = x.shape
+        shape = (b, length, self.heads, width // self.heads)
+        q = self.q_proj(x).view(shape).transpose(1, 2)  # [B, H, L, hd]
+        k = self.k_proj(x).view(shape).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(out.transpose(1, 2).reshape(b, length, width))  # [B, L, D]
+
+
+class SASRecBlock(nn.Module):
+    """Pre-LN block: x + drop(attn(LN x)), then x + drop(MLP(LN x))."""
+
+    def __init__(self, config: RecConfig) -> None:
+        super().__init__()
+        width = config.backbone_width
+        self.attn_norm = nn.LayerNorm(width, eps=config.norm_eps)
+        self.attn = SelfAttention(width, config.num_attention_heads, config.attention_dropout)
+        self.mlp_norm = nn.LayerNorm(width, eps=config.norm_eps)
+        self.up_proj = nn.Linear(width, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.down_proj = nn.Linear(config.intermediate_size, width)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), allowed))
+        return x + self.dropout(self.down_proj(self.dropout(self.act(self.up_proj(self.mlp_norm(x))))))
+
+
+class SASRecEncoder(nn.Module):
+    """SASRec-style causal encoder: learned absolute positions, pre-LN blocks, final LayerNorm."""
+
+    causal = True
+
+    def __init__(self, config: RecConfig) -> None:
+        super().__init__()
+        width = config.backbone_width
+        self.position_embeddings = nn.Embedding(config.max_seq_len + 1, width)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList([SASRecBlock(config) for _ in range(config.num_hidden_layers)])
+        self.norm = nn.LayerNorm(width, eps=config.norm_eps)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        allowed = attention_allowed(attention_mask, causal=True)
+        x = self.dropout(x + self.position_embeddings(position_ids))
+        for layer in self.layers:
+            x = layer(x, allowed)
+        return self.norm(x)
+
+
+def relative_buckets(position_ids: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """Bucket of the distance query - key (>= 0): exact below num_buckets/2, log-spaced above. [B, L, L]."""
+    distance = (position_ids[:, :, None] - position_ids[:, None, :]).clamp(min=0)  # [B, L, L]
+    exact = max(1, num_buckets // 2)
+    span = math.log(max(max_distance / exact, 2.0))
+    log_bucket = exact + (torch.log(distance.clamp(min=exact).float() / exact) / span * (num_buckets - exact)).long()
+    return torch.where(distance < exact, distance, log_bucket.clamp(max=num_buckets - 1))
+
+
+class HSTUBlock(nn.Module):
+    """HSTU layer: U, V, Q, K = split(SiLU(W x)); A = SiLU(QK^T + rel_bias) / n; out = W_o(LN(A V) * U)."""
+
+    def __init__(self, config: RecConfig) -> None:
+        super().__init__()
+        width = config.backbone_width
+        self.heads = config.num_attention_heads
+        self.scale_len = config.max_seq_len  # HSTU normalises by a constant length, not a softmax
+        self.norm = nn.LayerNorm(width, eps=config.norm_eps)
+        self.uvqk_proj = nn.Linear(width, 4 * width)
+        self.relative_bias = nn.Embedding(config.hstu_num_buckets, self.heads)
+        self.attn_norm = nn.LayerNorm(width, eps=config.norm_eps)
+        self.o_proj = nn.Linear(width, width)
+        self.attn_dropout = nn.Dropout(config.attention_dropout)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+        b, length, width = x.shape
+        u, v, q, k = F.silu(self.uvqk_proj(self.norm(x))).chunk(4, dim=-1)  # each [B, L, D]
+        shape = (b, length, self.heads, width // self.heads)
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # [B, H, L, hd]
+        bias = self.relative_bias(buckets).permute(0, 3, 1, 2)  # [B, L, L, H] -> [B, H, L, L]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(width // self.heads) + bias  # [B, H, L, L]
+        weights = F.silu(scores) * allowed / self.scale_len
+        out = (self.attn_dropout(weights) @ v).transpose(1, 2).reshape(b, length, width)  # [B, L, D]
+        return x + self.dropout(self.o_proj(self.attn_norm(out) * u))
+
+
+class HSTUEncoder(nn.Module):
+    """Causal HSTU stack (pointwise SiLU attention with a relative position bias) and a final LayerNorm."""
+
+    causal = True
+
+    def __init__(self, config: RecConfig) -> None:
+        super().__init__()
+        self.num_buckets = config.hstu_num_buckets
+        self.max_distance = config.max_seq_len
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList([HSTUBlock(config) for _ in range(config.num_hidden_layers)])
+        self.norm = nn.LayerNorm(config.backbone_width, eps=config.norm_eps)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        allowed = attention_allowed(attention_mask, causal=True)
+        buckets = relative_buckets(position_ids, self.num_buckets, self.max_distance)
+        x = self.dropout(x)
+        for layer in self.layers:
+            x = layer(x, allowed, buckets)
+        return self.norm(x)
+
+
+ENCODER_CLASSES: dict[str, type[nn.Module]] = {
+    "llama": LlamaEncoder,
+    "bert": BertEncoder,
+    "sasrec": SASRecEncoder,
+    "hstu": HSTUEncoder,
+}
+
+
+def build_encoder(config: RecConfig) -> nn.Module:
+    return ENCODER_CLASSES[config.encoder](config)

@@ -1,0 +1,392 @@
+"""`RecModel`: item vectors -> transformer over the history -> user vector; score = user . item.
+
+Histories are left-padded with 0, most recent item last. `labels[b, t]` is the item that follows
+position t (0 = no loss there). Training, evaluation and serving share `encode_users`,
+`item_embeddings` and `score`; serving imports this module, so it must never import Ray or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from rec_train.model.configuration import RecConfig
+from rec_train.model.encoders import build_encoder
+
+
+@dataclass
+class RecOutput(ModelOutput):
+    """`loss` (when labels or targets are given), `hidden_states` [B, L, d], `pointwise_logits` [B]."""
+
+    loss: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+    pointwise_logits: torch.Tensor | None = None
+
+
+class ItemEncoder(nn.Module):
+    """Item index -> d-vector from an ID table and/or a projection of frozen item-text embeddings."""
+
+    def __init__(self, config: RecConfig) -> None:
+        super().__init__()
+        self.fusion = config.fusion
+        rows, width = config.num_items + 1, config.hidden_size
+        self.id_embeddings = nn.Embedding(rows, width, padding_idx=0) if config.uses_ids else None
+        self.text_proj = nn.Linear(config.text_dim, width) if config.uses_text else None
+        self.fuse = (
+            nn.Linear(2 * width, width) if config.uses_ids and config.uses_text and config.fusion != "sum" else None
+        )
+        if config.uses_text:
+            # [num_items + 1, text_dim], row 0 zeros: data, not trained, saved with the model.
+            self.register_buffer("text_embeddings", torch.zeros(rows, config.text_dim))
+        else:
+            self.text_embeddings = None
+
+    def combine(self, id_vec: torch.Tensor | None, text_vec: torch.Tensor | None) -> torch.Tensor:
+        if text_vec is None:
+            return id_vec
+        if id_vec is None:
+            return text_vec
+        if self.fusion == "sum":
+            return id_vec + text_vec
+        both = torch.cat([id_vec, text_vec], dim=-1)  # [..., 2d]
+        if self.fusion == "concat":
+            return self.fuse(both)
+        gate = torch.sigmoid(self.fuse(both))  # [..., d], 1 = trust the ID row
+        return gate * id_vec + (1.0 - gate) * text_vec
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [...] -> [..., d]"""
+        id_vec = self.id_embeddings(ids) if self.id_embeddings is not None else None
+        text_vec = self.text_proj(self.text_embeddings[ids]) if self.text_proj is not None else None
+        return self.combine(id_vec, text_vec)
+
+    def table(self) -> torch.Tensor:
+        """All items, [num_items + 1, d] (row 0 is padding). Goes through the submodules' forward."""
+        rows = self.text_embeddings.shape[0] if self.id_embeddings is None else self.id_embeddings.num_embeddings
+        device = self.text_embeddings.device if self.id_embeddings is None else self.id_embeddings.weight.device
+        return self(torch.arange(rows, device=device))
+
+
+class PointwiseHead(nn.Module):
+    """(user, candidate) -> one logit: an MLP over [u, e, u * e]."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(3 * width, width)
+        self.act = nn.SiLU()
+        self.out_proj = nn.Linear(width, 1)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        features = torch.cat([users, items, users * items], dim=-1)  # [B, 3d]
+        return self.out_proj(self.act(self.dense(features))).squeeze(-1)  # [B]
+
+
+class RecPreTrainedModel(PreTrainedModel):
+    config_class = RecConfig
+    base_model_prefix = "rec"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, RecModel) and module.mask_embedding is not None:
+            init.normal_(module.mask_embedding, mean=0.0, std=self.config.initializer_range)
+
+
+class RecModel(RecPreTrainedModel):
+    """Sequential recommender (see `RecConfig`); `forward` computes losses, the rest scores users."""
+
+    def __init__(self, config: RecConfig) -> None:
+        super().__init__(config)
+        width, backbone = config.hidden_size, config.backbone_width
+        self.items = ItemEncoder(config)
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
+        self.in_proj = nn.Linear(width, backbone) if backbone != width else None
+        self.encoder = build_encoder(config)
+        self.out_proj = nn.Linear(backbone, width) if backbone != width else None
+        self.mask_embedding = nn.Parameter(torch.zeros(width)) if config.objective == "masked_item" else None
+        self.pointwise = PointwiseHead(width) if config.pointwise_head else None
+        # Events per item (popularity negatives, logQ correction); set with `set_item_counts`.
+        self.register_buffer("item_counts", torch.zeros(config.num_items + 1))
+        self.post_init()
+
+    # ---- encoding -------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        return self.items.id_embeddings
+
+    def _encode(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Item vectors x [B, L, d] + mask [B, L] -> hidden states [B, L, d]."""
+        limit = self.config.max_seq_len + (0 if self.config.is_causal else 1)
+        if x.shape[1] > limit and self.config.encoder != "llama":
+            raise ValueError(
+                f"sequence length {x.shape[1]} exceeds model.max_seq_len={self.config.max_seq_len}; "
+                "keep the most recent items (rec_train.data.collate.pad_left)"
+            )
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L], 0 = oldest real item
+        x = self.embedding_dropout(x)
+        if self.in_proj is not None:
+            x = self.in_proj(x)  # [B, L, D]
+        h = self.encoder(x, attention_mask, position_ids)
+        return self.out_proj(h) if self.out_proj is not None else h  # [B, L, d]
+
+    def _user_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """[B, d] before any normalisation: the state after the most recent item (causal encoders) or
+        at a mask position appended after it (bidirectional encoder)."""
+        if attention_mask is None:
+            attention_mask = (input_ids != 0).long()
+        limit = self.config.max_seq_len
+        input_ids, attention_mask = input_ids[:, -limit:], attention_mask[:, -limit:]
+        x = self.items(input_ids)  # [B, L, d]
+        if self.mask_embedding is not None:
+            b = x.shape[0]
+            x = torch.cat([x, self.mask_embedding.expand(b, 1, -1)], dim=1)  # [B, L + 1, d]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)
+        return self._encode(x, attention_mask)[:, -1]
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) if self.config.l2_normalize else x
+
+    def encode_users(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Left-padded histories [B, L] -> user vectors [B, d] (L2-normalised when the config says so)."""
+        return self._normalise(self._user_vectors(input_ids, attention_mask))
+
+    def item_embeddings(self) -> torch.Tensor:
+        """[num_items + 1, d] in the same space as `encode_users`; row 0 is padding, never recommended."""
+        return self._normalise(self.items.table())
+
+    # ---- losses ---------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        candidates: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        **kwargs,
+    ) -> RecOutput:
+        """Next-item (or masked-item) training with `labels` [B, L]; the pointwise head with
+        `candidates` [B] and `targets` [B] (ratings for "rating", 0/1 for "click").
+
+        For `objective="masked_item"`, `labels` is the sequence that gets masked: the history shifted by
+        one, so it ends with the newest item. In training a `mask_prob` share of its items and always
+        the newest are replaced by the mask vector; in eval mode only the newest.
+        """
+        if attention_mask is None:
+            attention_mask = (input_ids != 0).long()
+        if candidates is not None:
+            return self._pointwise_forward(input_ids, attention_mask, candidates, targets)
+        if labels is not None and self.config.objective == "masked_item":
+            return self._masked_item_forward(labels)
+        hidden = self._encode(self.items(input_ids), attention_mask)  # [B, L, d]
+        loss = None
+        if labels is not None:
+            at = labels != 0  # [B, L]
+            loss = self._item_loss(hidden[at], labels[at])
+        return RecOutput(loss=loss, hidden_states=hidden)
+
+    def _masked_item_forward(self, sequence: torch.Tensor) -> RecOutput:
+        real = sequence != 0  # [B, L]
+        chosen = torch.zeros_like(real)
+        if self.training and self.config.mask_prob > 0:
+            chosen = (torch.rand(sequence.shape, device=sequence.device) < self.config.mask_prob) & real
+        chosen[:, -1] = real[:, -1]  # always predict the newest item, as at inference
+        x = self.items(sequence)  # [B, L, d]
+        x = torch.where(chosen[..., None], self.mask_embedding.to(x.dtype), x)
+        hidden = self._encode(x, real.long())
+        return RecOutput(loss=self._item_loss(hidden[chosen], sequence[chosen]), hidden_states=hidden)
+
+    def _pointwise_forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        candidates: torch.Tensor,
+        targets: torch.Tensor | None,
+    ) -> RecOutput:
+        if self.pointwise is None:
+            raise ValueError("this model has no pointwise head: set model.pointwise_head to 'rating' or 'click'")
+        users = self._user_vectors(input_ids, attention_mask)  # [B, d]
+        logits = self.pointwise(users, self.items(candidates))  # [B]
+        loss = None
+        if targets is not None:
+            if self.config.pointwise_head == "rating":
+                loss = F.mse_loss(logits, targets.to(logits.dtype))
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+        return RecOutput(loss=loss, pointwise_logits=logits)
+
+    def _item_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Softmax over items for hidden [M, d] with target items [M] (only positions that have one)."""
+        if targets.numel() == 0:
+            return hidden.sum() * 0.0
+        cfg = self.config
+        hidden = self._normalise(hidden)
+        if cfg.loss == "full_softmax":
+            logits = hidden @ self.item_embeddings().T / cfg.temperature  # [M, N + 1]
+            logits[:, 0] = float("-inf")  # padding is never a target
+            return F.cross_entropy(logits, targets)
+        negatives = self._sample_negatives(targets)  # [K]
+        pos = self._normalise(self.items(targets))  # [M, d]
+        neg = self._normalise(self.items(negatives))  # [K, d]
+        logits = torch.cat([(hidden * pos).sum(-1, keepdim=True), hidden @ neg.T], dim=1) / cfg.temperature
+        if cfg.logq_correction and cfg.negative_sampler != "uniform":
+            log_q = self._log_sampling_prob(targets)
+            logits = logits - torch.cat([log_q[targets][:, None], log_q[negatives][None, :].expand(len(targets), -1)], 1)
+        hits = torch.cat([torch.zeros_like(targets[:, None], dtype=torch.bool), negatives[None, :] == targets[:, None]], 1)
+        logits = logits.masked_fill(hits, float("-inf"))  # [M, 1 + K]; a sampled positive is not a negative
+        return F.cross_entropy(logits, torch.zeros_like(targets))
+
+    def _sample_negatives(self, targets: torch.Tensor) -> torch.Tensor:
+        """K = num_negatives item indices shared by the batch."""
+        k, device = self.config.num_negatives, targets.device
+        sampler = self.config.negative_sampler
+        if sampler == "in_batch":
+            return targets[torch.randint(len(targets), (k,), device=device)]
+        if sampler == "uniform":
+            return torch.randint(1, self.config.num_items + 1, (k,), device=device)
+        counts = self.item_counts[1:].float()
+        if counts.sum() <= 0:
+            raise ValueError(
+                "negative_sampler='popularity' needs item counts: call model.set_item_counts(counts) "
+                "with the `count` column of items.parquet"
+            )
+        return torch.multinomial(counts, k, replacement=True) + 1
+
+    def _log_sampling_prob(self, targets: torch.Tensor) -> torch.Tensor:
+        """log q(item) [N + 1] for the logQ correction: popularity from `item_counts`, else from the batch."""
+        counts = self.item_counts.float()
+        if counts.sum() <= 0:
+            counts = torch.bincount(targets, minlength=self.config.num_items + 1).float()
+        counts = counts.clamp(min=1.0)
+        return counts.log() - counts.sum().log()
+
+    # ---- scoring --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def score(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        k: int = 10,
+        exclude_history: bool = True,
+        exclude: torch.Tensor | list[list[int]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k items per user: (ids [B, k], scores [B, k]), best first.
+
+        Padding (0) is never returned; `exclude_history` drops items in `input_ids`; `exclude` adds
+        per-user ids to drop (a [B, E] tensor padded with 0, or a list of lists). Call `model.eval()` first.
+        """
+        scores = self.encode_users(input_ids, attention_mask) @ self.item_embeddings().T  # [B, N + 1]
+        scores[:, 0] = float("-inf")
+        if exclude_history:
+            scores.scatter_(1, input_ids, float("-inf"))
+        if exclude is not None:
+            if not torch.is_tensor(exclude):
+                width = max((len(row) for row in exclude), default=0)
+                exclude = torch.tensor([list(row) + [0] * (width - len(row)) for row in exclude], dtype=torch.long)
+            if exclude.numel():
+                scores.scatter_(1, exclude.to(scores.device).long(), float("-inf"))
+        top = scores.topk(min(k, self.config.num_items), dim=-1)
+        return top.indices, top.values
+
+    @torch.no_grad()
+    def explain(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        item_ids: torch.Tensor | None = None,
+        n: int = 3,
+    ) -> torch.Tensor:
+        """For each recommended item [B, k], the n history items most similar to it (cosine of item
+        vectors), most similar first: [B, k, n]; 0 where the history has fewer distinct items."""
+        if item_ids is None:
+            raise ValueError("explain needs item_ids [B, k]: the recommended items to explain")
+        if attention_mask is None:
+            attention_mask = (input_ids != 0).long()
+        history = F.normalize(self.items(input_ids), dim=-1)  # [B, L, d]
+        recommended = F.normalize(self.items(item_ids), dim=-1)  # [B, k, d]
+        similarity = recommended @ history.transpose(1, 2)  # [B, k, L]
+        length = input_ids.shape[1]
+        later = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).triu(1)  # [L, L] j > i
+        repeated = ((input_ids[:, :, None] == input_ids[:, None, :]) & later).any(-1)  # [B, L]: seen again later
+        usable = attention_mask.bool() & ~repeated & (input_ids != 0)
+        similarity = similarity.masked_fill(~usable[:, None, :], float("-inf"))
+        best = similarity.topk(min(n, length), dim=-1)
+        names = torch.gather(input_ids[:, None, :].expand(-1, item_ids.shape[1], -1), 2, best.indices)
+        names = names.masked_fill(torch.isinf(best.values), 0)  # [B, k, min(n, L)]
+        return F.pad(names, (0, n - names.shape[-1]))
+
+    # ---- item table maintenance -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_item_text_embeddings(self, embeddings: torch.Tensor) -> None:
+        """Copy a [num_items + 1, text_dim] table (e.g. `read_item_text_embeddings`) into the model."""
+        expected = (self.config.num_items + 1, self.config.text_dim)
+        if not self.config.uses_text:
+            raise ValueError(
+                f"model.item_representation={self.config.item_representation!r} uses no text; "
+                "set it to 'text' or 'id+text'"
+            )
+        if tuple(embeddings.shape) != expected:
+            raise ValueError(
+                f"item text embeddings have shape {tuple(embeddings.shape)}, the model needs {expected} "
+                "(num_items + 1, text_dim): embed the same prepared dataset the model was built for"
+            )
+        self.items.text_embeddings.copy_(embeddings)
+
+    @torch.no_grad()
+    def set_item_counts(self, counts: torch.Tensor) -> None:
+        """Events per item index, [num_items + 1] (index 0 ignored)."""
+        if counts.shape != self.item_counts.shape:
+            raise ValueError(f"item counts have shape {tuple(counts.shape)}, expected {tuple(self.item_counts.shape)}")
+        self.item_counts.copy_(counts)
+
+    @torch.no_grad()
+    def resize_items(self, new_num_items: int, text_embeddings: torch.Tensor | None = None) -> RecModel:
+        """Grow the item vocabulary to `new_num_items`, keeping every existing row exactly.
+
+        New items' text rows come from `text_embeddings` ([new_num_items + 1, text_dim]); their ID rows
+        start at zero with sum fusion (so a new item is its text projection), at the text projection with
+        concat / gate fusion, and at random without text.
+        """
+        old = self.config.num_items
+        if new_num_items < old:
+            raise ValueError(f"resize_items can only grow the vocabulary: {old} -> {new_num_items}")
+        items = self.items
+        if self.config.uses_text:
+            expected = (new_num_items + 1, self.config.text_dim)
+            if text_embeddings is None and new_num_items != old:
+                raise ValueError(f"resize_items needs text_embeddings of shape {expected} for a text model")
+            if text_embeddings is not None:
+                if tuple(text_embeddings.shape) != expected:
+                    raise ValueError(f"text_embeddings have shape {tuple(text_embeddings.shape)}, expected {expected}")
+                table = text_embeddings.to(items.text_embeddings).clone()
+                table[: old + 1] = items.text_embeddings
+                items.text_embeddings = table
+        if items.id_embeddings is not None:
+            weight = items.id_embeddings.weight
+            grown = nn.Embedding(new_num_items + 1, weight.shape[1], padding_idx=0).to(weight)
+            grown.weight[: old + 1] = weight
+            if new_num_items > old:
+                new_rows = grown.weight[old + 1 :]
+                if not self.config.uses_text:
+                    new_rows.normal_(0.0, self.config.initializer_range)
+                elif self.config.fusion == "sum":
+                    new_rows.zero_()
+                else:
+                    new_rows.copy_(items.text_proj(items.text_embeddings[old + 1 :]))
+            grown.weight.requires_grad_(weight.requires_grad)
+            items.id_embeddings = grown
+        counts = torch.zeros(new_num_items + 1, dtype=self.item_counts.dtype, device=self.item_counts.device)
+        counts[: old + 1] = self.item_counts
+        self.item_counts = counts
+        self.config.num_items = new_num_items
+        return self

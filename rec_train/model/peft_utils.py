@@ -1,0 +1,75 @@
+"""Parameter-efficient fine-tuning: freeze policies and LoRA (through `peft`) on attention + MLP."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from rec_train.model.modeling import RecModel
+
+FREEZE_POLICIES = ("none", "embeddings", "backbone", "all_but_top_n")
+
+# Attention and MLP projections inside `encoder.layers.*`, per encoder.
+LORA_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    "sasrec": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "up_proj", "down_proj"),
+    "hstu": ("uvqk_proj", "o_proj"),
+    "bert": ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+             "intermediate.dense", "output.dense"),
+}
+
+
+def apply_freeze_policy(model: RecModel, policy: str, top_n: int = 1) -> list[str]:
+    """Set `requires_grad` by policy; returns the names of the trainable parameters.
+
+    - `none`: everything trains.
+    - `embeddings`: the item representation (ID table, text projection, fusion) is frozen.
+    - `backbone`: the transformer blocks (`encoder`) are frozen; items, projections and heads train.
+    - `all_but_top_n`: only the top `top_n` blocks, the encoder's final norm, the output projection
+      and the heads train.
+    The pointwise head, when present, always trains.
+    """
+    if policy not in FREEZE_POLICIES:
+        raise ValueError(f"freeze policy {policy!r} is not one of {', '.join(FREEZE_POLICIES)}")
+    layers = len(model.encoder.layers)
+    if policy == "all_but_top_n" and not 1 <= top_n <= layers:
+        raise ValueError(f"top_n={top_n} must be between 1 and the number of blocks ({layers})")
+    top = {f"encoder.layers.{i}." for i in range(layers - top_n, layers)}
+    for name, param in model.named_parameters():
+        if policy == "embeddings":
+            train = not name.startswith("items.")
+        elif policy == "backbone":
+            train = not name.startswith("encoder.")
+        elif policy == "all_but_top_n":
+            train = name.startswith(("encoder.norm.", "out_proj.", "mask_embedding")) or any(
+                name.startswith(prefix) for prefix in top
+            )
+        else:
+            train = True
+        param.requires_grad_(train or name.startswith("pointwise."))
+    return trainable_parameter_names(model)
+
+
+def lora_target_pattern(model: RecModel) -> str:
+    """A regex (peft matches it against full module names) for the blocks' attention + MLP projections."""
+    names = "|".join(p.replace(".", r"\.") for p in LORA_PROJECTIONS[model.config.encoder])
+    return rf"encoder\.layers\.\d+\.(?:{names})"
+
+
+def apply_lora(model: RecModel, r: int = 8, alpha: int = 16, dropout: float = 0.0) -> nn.Module:
+    """Wrap `model` in a `peft` LoRA model: rank-r adapters on the projections, all else frozen but
+    the pointwise head (trained and saved in full). `merge_and_unload()` gives back a `RecModel`."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=lora_target_pattern(model),
+        modules_to_save=["pointwise"] if model.pointwise is not None else None,
+    )
+    return get_peft_model(model, config)
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    return sorted(name for name, p in model.named_parameters() if p.requires_grad)

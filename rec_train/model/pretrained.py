@@ -1,0 +1,109 @@
+"""Start the sequence encoder from a pretrained Hugging Face checkpoint (a Llama-style LM or a BERT).
+
+`config_from_backbone` copies the checkpoint's architecture into a `RecConfig` (the item width
+`hidden_size` stays free: projections bridge it to the backbone width); `load_backbone` copies
+the transformer blocks' weights into a `RecModel` built from that config.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rec_train import storage
+from rec_train.config import ConfigError
+from rec_train.model.configuration import RecConfig
+from rec_train.model.modeling import RecModel
+from rec_train.model.sizes import build_config
+
+BACKBONE_TYPES = ("llama", "bert")
+
+
+def _local(path_or_uri: str, tmp: str) -> str:
+    loc = storage.resolve(path_or_uri)
+    if loc.is_s3:
+        return str(storage.local_copy(loc, tmp))
+    if not Path(loc.path).is_dir():
+        raise ConfigError(f"backbone checkpoint {path_or_uri!r} is not a folder (give a local path or s3:// URI)")
+    return loc.path
+
+
+def config_from_backbone(path_or_uri: str, size: str = "tiny", **overrides: Any) -> RecConfig:
+    """A `RecConfig` whose encoder matches the checkpoint's layers, heads and widths."""
+    from transformers import AutoConfig
+
+    with tempfile.TemporaryDirectory(prefix="rayrec-backbone-") as tmp:
+        hf = AutoConfig.from_pretrained(_local(path_or_uri, tmp))
+    if hf.model_type not in BACKBONE_TYPES:
+        raise ConfigError(
+            f"backbone {path_or_uri!r} is a {hf.model_type!r} model; supported: {', '.join(BACKBONE_TYPES)}"
+        )
+    shared = dict(
+        backbone_hidden_size=hf.hidden_size,
+        num_hidden_layers=hf.num_hidden_layers,
+        num_attention_heads=hf.num_attention_heads,
+        intermediate_size=hf.intermediate_size,
+        hidden_act=hf.hidden_act,
+        backbone_source=path_or_uri,
+    )
+    if hf.model_type == "llama":
+        arch = dict(
+            encoder="llama",
+            num_key_value_heads=hf.num_key_value_heads,
+            norm_eps=hf.rms_norm_eps,
+            rope_theta=float(hf.rope_parameters["rope_theta"]),
+        )
+    else:
+        arch = dict(encoder="bert", objective="masked_item", norm_eps=hf.layer_norm_eps)
+    config = build_config(size, **{**shared, **arch, **overrides})
+    if config.encoder == "bert" and config.max_seq_len + 1 > hf.max_position_embeddings:
+        raise ConfigError(
+            f"model.max_seq_len={config.max_seq_len} needs {config.max_seq_len + 1} positions; "
+            f"backbone {path_or_uri!r} has {hf.max_position_embeddings}"
+        )
+    return config
+
+
+def _rename(key: str, encoder: str) -> str | None:
+    """Checkpoint key -> key under `RecModel.encoder`, or None when the key is not used."""
+    if encoder == "llama":
+        return key if key.startswith(("layers.", "norm.")) else None
+    if match := re.match(r"encoder\.layer\.(\d+)\.(.+)", key):
+        return f"layers.{match[1]}.{match[2]}"
+    return {
+        "embeddings.position_embeddings.weight": "position_embeddings.weight",
+        "embeddings.LayerNorm.weight": "norm.weight",
+        "embeddings.LayerNorm.bias": "norm.bias",
+    }.get(key)
+
+
+@torch.no_grad()
+def load_backbone(model: RecModel, path_or_uri: str) -> list[str]:
+    """Copy the checkpoint's blocks into `model.encoder`; returns the encoder keys that were loaded."""
+    from transformers import AutoModel
+
+    with tempfile.TemporaryDirectory(prefix="rayrec-backbone-") as tmp:
+        source = AutoModel.from_pretrained(_local(path_or_uri, tmp)).state_dict()
+    target = model.encoder.state_dict()
+    loaded = []
+    for key, value in source.items():
+        name = _rename(key, model.config.encoder)
+        if name is None or name not in target:
+            continue
+        if name == "position_embeddings.weight":
+            value = value[: target[name].shape[0]]  # the first max_seq_len + 1 positions
+        if value.shape != target[name].shape:
+            raise ConfigError(
+                f"backbone {path_or_uri!r}: {key} has shape {tuple(value.shape)}, the model needs "
+                f"{tuple(target[name].shape)}; build the config with config_from_backbone"
+            )
+        target[name].copy_(value)
+        loaded.append(name)
+    missing = sorted(set(target) - set(loaded))
+    if missing:
+        raise ConfigError(f"backbone {path_or_uri!r} does not provide {', '.join(missing[:5])}")
+    return sorted(loaded)

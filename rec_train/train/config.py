@@ -1,0 +1,137 @@
+"""`TrainConfig`: the one typed config of a pre-training or fine-tuning run.
+
+Everything else is derived from it: the Ray Train `ScalingConfig` / `RunConfig` (launch.py), the
+DeepSpeed dict (deepspeed_config.py), the model config (`build_config(size, **overrides)`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from rec_train.config import StrictModel
+
+METRIC_RE = re.compile(r"^(hr|ndcg)@(\d+)$|^mrr$")
+
+
+class DataSection(StrictModel):
+    """Where the prepared dataset (docs/formats.md) lives."""
+
+    path: str = Field(description="prepared dataset folder: local path, file:// or s3:// URI")
+    include_valid: bool = Field(
+        False,
+        description="train on train_items + [valid_item] for a fixed number of epochs and report the test "
+        "target (the published MovieLens-1M protocol); no validation, no early stopping",
+    )
+    shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's local shuffle buffer (0: none)")
+
+
+class ModelSection(StrictModel):
+    """`build_config(size, **overrides)`; `num_items` and `max_seq_len` come from the dataset."""
+
+    size: str = "tiny"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    max_seq_len: int | None = Field(None, ge=1, description="default: the dataset's max_seq_len")
+
+
+class OptimSection(StrictModel):
+    """AdamW with linear warm-up then cosine decay to `min_lr_ratio * lr`."""
+
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-8, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of all optimizer steps spent warming up")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm (0: no clipping)")
+
+
+class DeepSpeedSection(StrictModel):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = Field(False, description="keep optimizer states in CPU memory (ZeRO >= 1)")
+    offload_params: bool = Field(False, description="keep parameters in CPU memory (ZeRO-3 only)")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+
+    @model_validator(mode="after")
+    def _check_offload(self) -> DeepSpeedSection:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"deepspeed.offload_params needs deepspeed.zero_stage=3 (got {self.zero_stage})")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        return self
+
+
+class TrainSection(StrictModel):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1, description="sequences per worker per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    seed: int = 0
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker (default: its CPUs)")
+
+
+class EvalSection(StrictModel):
+    """Full ranking over all items, the user's history excluded."""
+
+    every_epochs: int = Field(1, ge=1)
+    ks: list[int] = Field(default_factory=lambda: [10, 50])
+    metric: str = Field("ndcg@10", description="validation metric that picks checkpoints: hr@K, ndcg@K or mrr")
+    patience: int | None = Field(None, ge=1, description="stop after this many evaluations without gain")
+    batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _check_metric(self) -> EvalSection:
+        m = METRIC_RE.match(self.metric)
+        if m is None:
+            raise ValueError(f"eval.metric={self.metric!r} must look like ndcg@10, hr@10 or mrr")
+        if m.group(2) is not None and int(m.group(2)) not in self.ks:
+            raise ValueError(f"eval.metric={self.metric!r} needs {m.group(2)} in eval.ks (got {self.ks})")
+        if any(k < 1 for k in self.ks):
+            raise ValueError(f"eval.ks must be positive (got {self.ks})")
+        return self
+
+
+class CheckpointSection(StrictModel):
+    every_epochs: int = Field(1, ge=1, description="a checkpoint every N epochs and always at the end")
+    keep: int = Field(2, ge=1, description="checkpoints kept, the best by eval.metric")
+
+
+class ScalingSection(StrictModel):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra custom resources")
+
+
+class RunSection(StrictModel):
+    name: str | None = Field(None, description="run folder name; the same name resumes an interrupted run")
+    storage: str = Field("runs", description="runs folder: local path or s3:// URI")
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the latest checkpoint (-1: any)")
+
+
+class FinetuneSection(StrictModel):
+    """Fine-tuning a pre-trained model (`rec-train finetune --from URI`)."""
+
+    task: Literal["next_item", "rating", "click"] = "next_item"
+    freeze: str = Field("none", description="freeze policy of rec_train.model (e.g. none, embeddings, encoder)")
+    lora_rank: int = Field(0, ge=0, description="LoRA rank on the encoder's attention (0: no LoRA)")
+    lora_alpha: float = Field(16.0, gt=0)
+
+
+class TrainConfig(StrictModel):
+    data: DataSection
+    model: ModelSection = Field(default_factory=ModelSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    run: RunSection = Field(default_factory=RunSection)
+    finetune: FinetuneSection | None = None
+
+    @property
+    def eval_split(self) -> str:
+        """`valid` normally; `test` when training on the validation targets too."""
+        return "test" if self.data.include_valid else "valid"

@@ -1,0 +1,96 @@
+"""`rec-train export --checkpoint URI --output URI`: a training checkpoint -> a servable model folder.
+
+The ZeRO shards of any stage are consolidated into full fp32 weights (LoRA folded in), saved with
+`save_pretrained`, next to the vocabulary, every known user's history, `rayrec.json` and the
+validation/test metrics of exactly these weights (docs/formats.md, "Exported model").
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rec_train import storage
+from rec_train.errors import RayrecError
+from rec_train.train import checkpoint as ckpt
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def export(checkpoint_uri: str, output_uri: str, evaluate: bool = True, batch_size: int = 256) -> dict[str, Any]:
+    """Write the exported model folder; returns its `rayrec.json` figures and metrics."""
+    from rec_train.data.dataset import load_manifest, read_items, read_sequences
+    from rec_train.train.evaluate import evaluate_model
+
+    src = storage.resolve(checkpoint_uri)
+    if not ckpt.is_checkpoint(src):
+        raise RayrecError(
+            f"{src.uri} is not a training checkpoint ({ckpt.TRAINER_STATE} missing); pass a checkpoint_* folder "
+            "of a run (the `checkpoint` figure that `rec-train pretrain` prints)"
+        )
+    out = storage.resolve(output_uri)
+    with tempfile.TemporaryDirectory(prefix="rayrec-export-") as tmp:
+        local = storage.local_copy(src, Path(tmp) / "checkpoint")
+        model = ckpt.model_from_checkpoint(local)
+        run = json.loads((local / ckpt.RUN_INFO).read_text())
+        state = json.loads((local / ckpt.TRAINER_STATE).read_text())
+        data_path = run["config"]["data"]["path"]
+
+        folder = Path(tmp) / "model"
+        model.save_pretrained(str(folder))
+        weights = (folder / "model.safetensors").read_bytes()
+        version = f"{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{hashlib.sha256(weights).hexdigest()[:12]}"
+        sequences = read_sequences(data_path)
+        metrics: dict[str, Any] = {"checkpoint_metrics": state["metrics"]}
+        if evaluate:
+            ks = run["config"].get("eval", {}).get("ks", [10, 50])
+            metrics["valid"] = evaluate_model(model, sequences, "valid", ks, batch_size)
+            metrics["test"] = evaluate_model(model, sequences, "test", ks, batch_size)
+        histories = pa.table(
+            {"user_id": sequences["user_id"], "items": sequences["items"].cast(pa.list_(pa.int32()))}
+        )
+        info = {
+            "model_version": version,
+            "created": datetime.now(timezone.utc).isoformat(),
+            "checkpoint": src.uri,
+            "epoch": state["epoch"],
+            "step": state["step"],
+            "config": run["config"],
+            "init_from": run.get("init_from"),
+            "dataset": load_manifest(data_path),
+        }
+        (folder / "items.parquet").write_bytes(_parquet_bytes(read_items(data_path)))
+        (folder / "histories.parquet").write_bytes(_parquet_bytes(histories))
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (folder / ckpt.EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
+        storage.makedirs(out)
+        storage.copy_dir(storage.resolve(str(folder)), out)
+    figures = {"output": out.uri, "model_version": version, "epoch": state["epoch"]}
+    for split in ("valid", "test"):
+        figures.update({f"{split}_{k}": v for k, v in metrics.get(split, {}).items()})
+    return figures
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a run's checkpoint_* folder (path or s3://)")
+    parser.add_argument("--output", required=True, help="model folder to write (path or s3://)")
+    parser.add_argument("--no-eval", action="store_true", help="skip computing metrics.json's valid/test metrics")
+    parser.add_argument("--batch-size", type=int, default=256, help="users per batch when evaluating")
+
+
+def run(args: argparse.Namespace) -> int:
+    print(json.dumps(export(args.checkpoint, args.output, evaluate=not args.no_eval, batch_size=args.batch_size)))
+    return 0

@@ -1,0 +1,179 @@
+"""`rec-train pretrain` and `rec-train finetune`: a Ray Train `TorchTrainer` running train/loop.py.
+
+    rec-train pretrain --config configs/pretrain/ml-1m.yaml [key=value ...] [--init-from MODEL]
+    rec-train finetune --from MODEL --config configs/finetune/X.yaml [key=value ...]
+
+The scaling, run storage (local or S3), failure handling and checkpoint policy all come from the one
+`TrainConfig`. The same command with the same `run.name` resumes an interrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import threading
+from datetime import datetime, timezone
+from typing import Any
+
+from rec_train import storage
+from rec_train.config import load_config
+from rec_train.errors import RayrecError
+from rec_train.train.batches import TRAIN_COLUMNS, trainable_rows
+from rec_train.train.config import FinetuneSection, TrainConfig
+
+AWS_ENV = (
+    "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_REGION", "AWS_DEFAULT_REGION",
+)  # fmt: skip
+
+
+def aws_env() -> dict[str, str]:
+    """The AWS variables of this process, passed on to every Ray worker so S3 works there too."""
+    return {k: os.environ[k] for k in AWS_ENV if os.environ.get(k)}
+
+
+def _data_config():
+    from ray.train import DataConfig
+
+    class RecDataConfig(DataConfig):
+        """Training rows split equally (every worker takes the same number of steps); evaluation users
+        split without dropping any (the all-reduced metrics cover every user exactly once)."""
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            if "eval" not in datasets:  # Ray Train configures one dataset at a time
+                return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+            return [{"eval": split} for split in datasets["eval"].streaming_split(world_size, equal=False)]
+
+    return RecDataConfig()
+
+
+def _progress(run_uri: str, epochs: int, done: threading.Event) -> None:
+    """A progress bar on the driver, following the run's metrics.jsonl."""
+    from tqdm import tqdm
+
+    from rec_train.train.loop import METRICS_FILE
+
+    loc = storage.resolve(run_uri).join(METRICS_FILE)
+    bar = tqdm(total=epochs, desc="epochs", unit="epoch", dynamic_ncols=True)
+    while not done.wait(2.0):
+        try:
+            lines = storage.read_text(loc).splitlines() if storage.exists(loc) else []
+        except storage.StorageError:
+            continue
+        records = [json.loads(line) for line in lines if line.strip()]
+        trained = [r for r in records if "loss" in r]
+        if trained:
+            last = trained[-1]
+            bar.n = last["epoch"]
+            bar.set_postfix({k: round(v, 4) for k, v in last.items() if k in ("loss", "sequences_per_s") or "ndcg" in k})
+            bar.refresh()
+    bar.close()
+
+
+def launch(config: TrainConfig, init_from: str | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Run training on Ray (starting a local Ray when none is running); returns the run's figures."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rec_train.data.dataset import load_manifest, ray_dataset, read_items
+    from rec_train.train.loop import train_loop_per_worker
+
+    manifest = load_manifest(config.data.path)
+    num_items = int(read_items(config.data.path)["item_index"].to_numpy().max())
+    max_seq_len = config.model.max_seq_len or int(manifest["max_seq_len"])
+    workers = config.scaling.num_workers
+    rows_per_worker = math.ceil(int(manifest["counts"]["users"]) / workers)
+    steps_per_epoch = max(1, math.ceil(rows_per_worker / config.train.batch_size / config.train.grad_accum))
+
+    name = config.run.name or f"{'finetune' if config.finetune else 'pretrain'}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    runs = storage.resolve(config.run.storage)
+    run_uri = runs.join(name).uri
+    env = aws_env()
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+
+    include_valid = config.data.include_valid
+    train = ray_dataset(config.data.path, columns=TRAIN_COLUMNS).map_batches(
+        lambda t: trainable_rows(t, include_valid), batch_format="pyarrow", zero_copy_batch=True
+    )
+    evaluation = ray_dataset(config.data.path, columns=TRAIN_COLUMNS)
+    score = "epoch" if include_valid else f"{config.eval_split}_{config.eval.metric}"
+    resources = {"CPU": config.scaling.cpus_per_worker, **config.scaling.resources_per_worker}
+    if config.scaling.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.model_dump(mode="json"), "init_from": init_from, "run_uri": run_uri,
+            "num_items": num_items, "max_seq_len": max_seq_len, "steps_per_epoch": steps_per_epoch,
+        },
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=config.scaling.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=runs.path,
+            storage_filesystem=runs.fs if runs.is_s3 else None,
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.checkpoint.keep, checkpoint_score_attribute=score, checkpoint_score_order="max"
+            ),
+            worker_runtime_env={"env_vars": env} if env else None,
+        ),
+        datasets={"train": train, "eval": evaluation},
+        dataset_config=_data_config(),
+    )  # fmt: skip
+    done = threading.Event()
+    bar = threading.Thread(target=_progress, args=(run_uri, config.train.epochs, done), daemon=True)
+    if show_progress:
+        bar.start()
+    try:
+        result = trainer.fit()
+    finally:
+        done.set()
+        if show_progress:
+            bar.join()
+    if result.error is not None:
+        raise RayrecError(f"training run {run_uri} failed: {result.error}")
+    return summary(run_uri, result.get_best_checkpoint(score, "max"), runs.is_s3)
+
+
+def summary(run_uri: str, best: Any, is_s3: bool) -> dict[str, Any]:
+    """The run's figures: last epoch's loss and speed, the best checkpoint and its test metrics."""
+    from rec_train.train.loop import read_metrics
+
+    records = read_metrics(run_uri)
+    epochs = [r for r in records if "loss" in r]
+    final = next((r for r in reversed(records) if r.get("final")), {})
+    out: dict[str, Any] = {"run": run_uri, "checkpoint": ("s3://" if is_s3 else "") + best.path if best else None}
+    if epochs:
+        out.update({k: epochs[-1][k] for k in ("epoch", "step", "loss", "sequences_per_s")})
+        out["resumed"] = sum(1 for r in records if r.get("event") == "resumed")
+    out.update({k: v for k, v in final.items() if k not in ("final", "epoch")})
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML under configs/pretrain or configs/finetune")
+    parser.add_argument(
+        "--init-from", "--from", dest="init_from",
+        help="exported model or checkpoint to start from (continued pre-training; required by finetune)",
+    )  # fmt: skip
+    parser.add_argument("--name", help="run name (overrides run.name); the same name resumes that run")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=3")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f"run.name={args.name}"] if args.name else [])
+    config = load_config(TrainConfig, args.config, overrides)
+    if args.command == "finetune":
+        if not args.init_from:
+            raise RayrecError("rec-train finetune needs --from MODEL (an exported model or a checkpoint)")
+        if config.finetune is None:
+            config.finetune = FinetuneSection()
+    elif config.finetune is not None:
+        raise RayrecError(f"{args.config} has a finetune section: run it with `rec-train finetune --from MODEL`")
+    print(json.dumps(launch(config, args.init_from, show_progress=not args.no_progress)))
+    return 0

@@ -1,0 +1,231 @@
+"""The per-worker training loop that Ray Train runs on every worker.
+
+Each worker builds the model, wraps it in a DeepSpeed engine (ZeRO stage from the config), reads its
+shard of the sequences with `ray.train.get_dataset_shard`, builds batches, trains, evaluates its share
+of users (all-reduced), and reports metrics and checkpoints. On a restart (a failed worker, or the same
+run started again) it continues from the latest checkpoint's epoch and step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+
+from rec_train import storage
+from rec_train.data.dataset import read_items
+from rec_train.train import checkpoint as ckpt
+from rec_train.train.batches import training_batch
+from rec_train.train.config import TrainConfig
+from rec_train.train.deepspeed_config import deepspeed_config
+from rec_train.train.evaluate import model_scores, split_histogram
+from rec_train.train.metrics import metrics_from_histogram
+from rec_train.train.model_init import apply_finetune_policy, build_model
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
+    """Linear warm-up over `warmup_ratio` of the steps, then cosine decay to `min_lr_ratio`."""
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; matrices decay, biases, norms and embeddings' padding do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    o = config.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=o.betas, eps=o.eps)
+
+
+def append_metrics(run_uri: str, records: list[dict[str, Any]], keep_through_epoch: int | None = None) -> None:
+    """Append lines to the run's metrics.jsonl; `keep_through_epoch` first drops lines of later epochs
+    (trained before a failure, then trained again from the checkpoint)."""
+    kept = read_metrics(run_uri)
+    if keep_through_epoch is not None:
+        kept = [r for r in kept if r.get("epoch", 0) <= keep_through_epoch]
+    lines = [json.dumps(r, sort_keys=True) for r in [*kept, *records]]
+    storage.write_text(storage.resolve(run_uri).join(METRICS_FILE), "\n".join(lines) + "\n")
+
+
+def read_metrics(run_uri: str) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (epochs, resume events, the final test metrics)."""
+    loc = storage.resolve(run_uri).join(METRICS_FILE)
+    if not storage.exists(loc):
+        return []
+    return [json.loads(line) for line in storage.read_text(loc).splitlines() if line.strip()]
+
+
+class Evaluator:
+    """Full-ranking metrics of the engine's weights on this worker's users, all-reduced over workers."""
+
+    def __init__(self, engine: Any, config: TrainConfig, max_seq_len: int, device: torch.device) -> None:
+        self.engine, self.config, self.max_seq_len, self.device = engine, config, max_seq_len, device
+        self.zero3 = config.deepspeed.zero_stage == 3
+
+    @torch.no_grad()
+    def __call__(self, split: str, prefix: str) -> dict[str, float]:
+        import deepspeed
+
+        module = self.engine.module
+        module.eval()
+        # ZeRO-3 partitions every parameter: gather them once so users can be scored without collectives.
+        gather = deepspeed.zero.GatheredParameters(list(module.parameters())) if self.zero3 else nullcontext()
+        with gather:
+            scorer = _plain_copy(module, self.config) if self.zero3 else module
+            rows = ray.train.get_dataset_shard("eval").iter_batches(
+                batch_size=self.config.eval.batch_size, batch_format="pyarrow", prefetch_batches=1
+            )
+            hist = split_histogram(model_scores(scorer, self.device), rows, split, self.max_seq_len, module.config.num_items)
+        module.train()
+        hist = hist.to(self.device)
+        dist.all_reduce(hist)  # int64 counts: the sum is exact
+        return metrics_from_histogram(hist.cpu(), self.config.eval.ks, prefix=prefix)
+
+
+def _plain_copy(module: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    """A copy of a gathered ZeRO-3 module without DeepSpeed's hooks (LoRA merged), for scoring."""
+    from rec_train.model import RecModel
+    from rec_train.train.model_init import lora_scaling, merge_lora
+
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    state = merge_lora(state, lora_scaling(config.finetune, state))
+    plain = RecModel(copy.deepcopy(module.config)).to(next(module.parameters()).device)
+    plain.load_state_dict(state)
+    return plain.eval()
+
+
+def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    import deepspeed
+
+    config = TrainConfig.model_validate(payload["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config.train.torch_threads or max(1, int(config.scaling.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+
+    # ---- model, engine --------------------------------------------------------------------------
+    torch.manual_seed(config.train.seed)  # the same initial weights on every worker
+    items = read_items(config.data.path)
+    model = build_model(config, payload["num_items"], payload["max_seq_len"], items, payload["init_from"])
+    model_config = model.config
+    if config.finetune is not None:
+        model = apply_finetune_policy(model, config.finetune)
+    total_steps = config.train.epochs * payload["steps_per_epoch"]
+    optimizer = build_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(config, world, on_gpu), dist_init_required=False,
+    )  # fmt: skip
+    seed = config.train.seed + 1000 * rank  # dropout, shuffling: different on each worker
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+
+    run_uri = payload["run_uri"]
+    run_info = {"config": payload["config"], "init_from": payload["init_from"], "run": run_uri}
+    state = ckpt.TrainerState()
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            state = ckpt.restore(engine, Path(d), rank)
+        if rank == 0:
+            append_metrics(run_uri, [{"event": "resumed", "epoch": state.epoch, "step": state.step}], state.epoch)
+
+    evaluate = Evaluator(engine, config, payload["max_seq_len"], device)
+    split = config.eval_split
+    metric_key = f"{split}_{config.eval.metric}"
+    train_shard = ray.train.get_dataset_shard("train")
+
+    # ---- epochs ---------------------------------------------------------------------------------
+    stop = state.epoch >= config.train.epochs
+    while not stop:
+        epoch = state.epoch + 1
+        start, loss_sum, micro_batches, sequences = time.perf_counter(), torch.zeros((), device=device), 0, 0
+        rows_iter = train_shard.iter_batches(
+            batch_size=config.train.batch_size, batch_format="pyarrow", prefetch_batches=2,
+            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+            local_shuffle_seed=seed + epoch if config.data.shuffle_buffer else None,
+        )  # fmt: skip
+        for rows in rows_iter:
+            batch = training_batch(rows, payload["max_seq_len"], config.data.include_valid)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float()
+            micro_batches += 1
+            sequences += rows.num_rows
+        seconds = time.perf_counter() - start
+        totals = torch.tensor([loss_sum.item(), micro_batches, sequences], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        state.epoch, state.step = epoch, engine.global_steps
+        metrics: dict[str, Any] = {
+            "epoch": epoch, "step": state.step, "loss": totals[0].item() / max(1.0, totals[1].item()),
+            "sequences_per_s": totals[2].item() / seconds, "lr": scheduler.get_last_lr()[0],
+        }  # fmt: skip
+
+        last = epoch >= config.train.epochs
+        save = last or epoch % config.checkpoint.every_epochs == 0
+        if save or epoch % config.eval.every_epochs == 0:
+            metrics.update(evaluate(split, f"{split}_"))
+            if not config.data.include_valid:  # test targets never choose a model
+                value = metrics[metric_key]
+                if state.best_metric is None or value > state.best_metric:
+                    state.best_metric, state.best_epoch, state.evals_without_gain = value, epoch, 0
+                else:
+                    state.evals_without_gain += 1
+                if config.eval.patience is not None and state.evals_without_gain >= config.eval.patience:
+                    metrics["early_stopped"] = True
+                    save = last = True
+        state.metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        stop = last
+
+        if save:
+            with tempfile.TemporaryDirectory(prefix="rayrec-ckpt-") as tmp:
+                ckpt.save(engine, Path(tmp), state, rank, model_config, run_info)
+                dist.barrier()
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+        if rank == 0:
+            append_metrics(run_uri, [metrics])
+
+    # ---- test metrics of the best validation checkpoint (the last one when training on validation) -------
+    reported = ray.train.get_all_reported_checkpoints()
+    if config.data.include_valid:
+        chosen = max(reported, key=lambda r: r.metrics["epoch"])
+    else:
+        chosen = max(reported, key=lambda r: (r.metrics[metric_key], -r.metrics["epoch"]))
+    with chosen.checkpoint.as_directory() as d:
+        ckpt.restore(engine, Path(d), rank, rng=False)
+    final = {"final": True, "epoch": state.epoch, "best_epoch": chosen.metrics["epoch"]}
+    final.update(evaluate("test", "test_"))
+    if not config.data.include_valid:
+        final[metric_key] = chosen.metrics[metric_key]
+    ray.train.report(final)
+    if rank == 0:
+        append_metrics(run_uri, [final])

@@ -1,0 +1,178 @@
+"""Ray Jobs: `ray start --head`, then `ray job submit --working-dir <repo> -- rec-train prepare ...
+&& rec-train pretrain ...`, as a user does against a cluster, with Ray's token authentication on."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent  # the venv's `ray` and `rec-train`
+UPLOAD_EXCLUDES = [".venv", ".git", "runs", "demo_out", "**/__pycache__", ".pytest_cache", ".ruff_cache"]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Head:
+    address: str  # the dashboard (Jobs API) URL
+    env: dict[str, str]  # what a client needs: RAY_AUTH_MODE and the token file
+    token: str
+
+    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """`ray ARGS --address ...` with this cluster's auth environment."""
+        return subprocess.run(
+            [str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def get(self, path: str, token: str | None) -> int:
+        """HTTP status of GET `path` on the dashboard (0 when nothing listens)."""
+        request = urllib.request.Request(self.address + path)
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+        except urllib.error.URLError:
+            return 0  # not listening (yet)
+
+
+def processes_under(marker: str) -> list[int]:
+    """Pids of this user's processes whose command line names `marker` (the cluster's temp dir)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if proc.stat().st_uid == os.getuid() and marker in (proc / "cmdline").read_bytes().decode(
+                errors="replace"
+            ):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.fixture
+def ray_head() -> Iterator[Head]:
+    """A one-node Ray cluster started with `ray start --head --block`; terminating that process
+    stops exactly this cluster (a plain `ray stop` would stop every Ray cluster of this user)."""
+    temp_dir = tempfile.mkdtemp(prefix="rr", dir="/tmp")  # short: Ray's socket paths live under it
+    token = secrets.token_hex(32)
+    token_file = Path(temp_dir) / "auth_token"
+    token_file.write_text(token)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_file),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    dashboard_port = free_port()
+    log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        [
+            str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--disable-usage-stats",
+            f"--temp-dir={temp_dir}", f"--port={free_port()}", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+        ],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    head = Head(f"http://127.0.0.1:{dashboard_port}", env, token)
+    try:
+        deadline = time.monotonic() + 180
+        while head.get("/api/version", token) != 200:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start failed:\n{(Path(temp_dir) / 'ray-start.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield head
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for pid in processes_under(temp_dir):  # anything of this cluster that outlived its head
+            os.kill(pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def wait_for_job(head: Head, job_id: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        out = head.ray("job", "status", job_id, "--address", head.address)
+        assert out.returncode == 0, out.stderr
+        status = re.search(r"Status for job '[^']+': (\w+)", out.stdout)
+        assert status, out.stdout
+        if status[1] in TERMINAL or time.monotonic() > deadline:
+            return status[1]
+        time.sleep(3)
+
+
+def test_the_jobs_api_refuses_requests_without_the_token(ray_head: Head) -> None:
+    assert ray_head.get("/api/jobs/", token=None) == 401
+    assert ray_head.get("/api/jobs/", token="not-" + ray_head.token) in (401, 403)
+    assert ray_head.get("/api/jobs/", token=ray_head.token) == 200
+
+
+@pytest.mark.slow
+def test_submit_prepare_and_pretrain_as_a_ray_job(ray_head: Head, tmp_path: Path) -> None:
+    raw, dataset, runs = tmp_path / "raw", tmp_path / "dataset", tmp_path / "runs"
+    synth = subprocess.run(
+        [str(BIN / "rec-train"), "synth", "--output", str(raw), "--users", "120", "--items", "60", "--seed", "3"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert synth.returncode == 0, synth.stderr
+    job_id = f"rayrec-{uuid.uuid4().hex[:8]}"
+    entrypoint = [
+        "rec-train", "prepare", "--format", "parquet", "--events", str(raw / "events.parquet"),
+        "--items", str(raw / "items.parquet"), "--output", str(dataset),
+        "&&", "rec-train", "pretrain", "--config", "configs/pretrain/tiny.yaml",
+        f"data.path={dataset}", f"run.storage={runs}", "run.name=job", "train.epochs=2",
+        "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+    ]  # fmt: skip
+    submit = ray_head.ray(
+        "job", "submit", "--address", ray_head.address, "--submission-id", job_id, "--no-wait",
+        "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}),
+        "--", *entrypoint,
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+
+    status = wait_for_job(ray_head, job_id, timeout=900)
+    logs = ray_head.ray("job", "logs", job_id, "--address", ray_head.address)
+    assert logs.returncode == 0, logs.stderr
+    assert status == "SUCCEEDED", logs.stdout[-5000:]
+
+    # The job ran from the uploaded copy of the repository, with the venv's commands.
+    summary = next(json.loads(line) for line in logs.stdout.splitlines() if line.startswith('{"users"'))
+    assert summary["users"] > 0 and summary["items"] > 0
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert manifest["counts"]["users"] == summary["users"]
+    assert (runs / "job").is_dir() and any((runs / "job").rglob("checkpoint*"))

@@ -1,0 +1,273 @@
+"""RecModel: shapes, masking, losses, save/load, scoring, explanations, resizing (tiny configs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+from rec_train.config import ConfigError
+from rec_train.data.collate import pad_left
+from rec_train.model import RecConfig, RecModel, build_config
+
+ENCODERS = {
+    "llama": {},
+    "sasrec": {},
+    "hstu": {},
+    "bert": {"objective": "masked_item"},
+}
+CAUSAL = ["llama", "sasrec", "hstu"]
+
+
+def make(seed: int = 0, **overrides) -> RecModel:
+    torch.manual_seed(seed)
+    return RecModel(build_config("tiny", **overrides)).eval()
+
+
+def next_item_batch(seqs: list[list[int]], max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids = seq[:-1], labels = seq[1:] (0 under padding), left-padded."""
+    input_ids, mask = pad_left([s[:-1] for s in seqs], max_len)
+    labels, _ = pad_left([s[1:] for s in seqs], max_len)
+    return input_ids, mask, labels
+
+
+def cyclic_sequences(num_items: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
+    """Each user walks the items in order: the next item is always (item % N) + 1."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(1, num_items + 1, (count,), generator=g).tolist()
+    return [[(s - 1 + i) % num_items + 1 for i in range(length)] for s in starts]
+
+
+@pytest.mark.parametrize("encoder", list(ENCODERS))
+def test_shapes(encoder: str) -> None:
+    model = make(encoder=encoder, **ENCODERS[encoder])
+    input_ids, mask, labels = next_item_batch([[1, 2, 3, 4, 5], [6, 7, 8]], 20)
+    out = model(input_ids, mask, labels=labels)
+    assert out.hidden_states.shape == (2, 4, 16)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert model.encode_users(input_ids, mask).shape == (2, 16)
+    assert model.item_embeddings().shape == (51, 16)
+    ids, scores = model.score(input_ids, mask, k=7)
+    assert ids.shape == scores.shape == (2, 7)
+    assert bool((scores[:, :-1] >= scores[:, 1:]).all())
+
+
+@pytest.mark.parametrize("encoder", CAUSAL)
+def test_no_position_sees_a_later_item(encoder: str) -> None:
+    model = make(encoder=encoder)
+    input_ids, mask = pad_left([[3, 9, 4, 11, 7, 2], [5, 6, 1]], 20)
+    changed = input_ids.clone()
+    changed[:, -2:] = torch.tensor([[40, 41], [42, 43]])  # the two most recent items
+    before = model(input_ids, mask).hidden_states
+    after = model(changed, mask).hidden_states
+    torch.testing.assert_close(before[:, :-2], after[:, :-2], atol=1e-6, rtol=0)
+    assert not torch.allclose(before[:, -1], after[:, -1])
+
+
+@pytest.mark.parametrize("encoder", list(ENCODERS))
+def test_padding_does_not_change_outputs(encoder: str) -> None:
+    model = make(encoder=encoder, **ENCODERS[encoder])
+    history = [3, 9, 4, 11, 7]
+    short_ids, short_mask = pad_left([history], 20)  # L = 5
+    long_ids = torch.cat([torch.zeros(1, 7, dtype=torch.long), short_ids], 1)  # 7 more padding columns
+    long_mask = (long_ids != 0).long()
+    torch.testing.assert_close(
+        model.encode_users(short_ids, short_mask), model.encode_users(long_ids, long_mask), atol=1e-5, rtol=0
+    )
+    # inside a batch with a longer user, the short user's vector is the same as alone
+    batch_ids, batch_mask = pad_left([history, [1, 2, 3, 4, 5, 6, 8, 10]], 20)
+    torch.testing.assert_close(
+        model.encode_users(batch_ids, batch_mask)[:1], model.encode_users(short_ids, short_mask), atol=1e-5, rtol=0
+    )
+
+
+def test_full_softmax_only_counts_labelled_positions() -> None:
+    model = make()
+    input_ids, mask, labels = next_item_batch([[1, 2, 3, 4, 5], [6, 7, 8]], 20)
+    out = model(input_ids, mask, labels=labels)
+    logits = out.hidden_states @ model.item_embeddings().T  # [B, L, N + 1]
+    logits[..., 0] = float("-inf")
+    at = labels != 0
+    expected = torch.nn.functional.cross_entropy(logits[at], labels[at])
+    torch.testing.assert_close(out.loss, expected)
+    assert int(at.sum()) == 6  # padding positions carry no loss
+
+
+LOSSES = {
+    "full_softmax": dict(loss="full_softmax"),
+    "sampled_in_batch": dict(loss="sampled_softmax", negative_sampler="in_batch", num_negatives=32),
+    "sampled_uniform_l2": dict(
+        loss="sampled_softmax", negative_sampler="uniform", num_negatives=16, l2_normalize=True, temperature=0.1
+    ),
+    "sampled_popularity_logq": dict(
+        loss="sampled_softmax", negative_sampler="popularity", num_negatives=16, logq_correction=True
+    ),
+    "masked_item": dict(encoder="bert", objective="masked_item", mask_prob=0.3),
+    "hstu_sampled": dict(encoder="hstu", loss="sampled_softmax", num_negatives=16),
+    "sasrec_full": dict(encoder="sasrec"),
+}
+
+
+def train(model: RecModel, step_loss, steps: int = 40, lr: float = 1e-2) -> tuple[float, float]:
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = step_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_item_losses_decrease(name: str) -> None:
+    model = make(seed=1, num_items=30, **LOSSES[name])
+    seqs = cyclic_sequences(30, 64, 10)
+    input_ids, mask, labels = next_item_batch(seqs, 20)
+    model.set_item_counts(torch.cat([torch.zeros(1), torch.arange(1, 31).float()]))
+    first, last = train(model, lambda: model(input_ids, mask, labels=labels).loss)
+    assert last < 0.6 * first, (first, last)
+
+
+@pytest.mark.parametrize("head", ["rating", "click"])
+def test_pointwise_heads_learn(head: str) -> None:
+    model = make(seed=2, num_items=30, pointwise_head=head)
+    g = torch.Generator().manual_seed(0)
+    histories = torch.randint(1, 31, (64, 6), generator=g)
+    candidates = torch.randint(1, 31, (64,), generator=g)
+    # the target depends on the candidate: even items are liked
+    liked = (candidates % 2 == 0).float()
+    targets = 1.0 + 4.0 * liked if head == "rating" else liked
+    first, last = train(model, lambda: model(histories, candidates=candidates, targets=targets).loss, steps=60)
+    assert last < 0.5 * first, (first, last)
+    logits = model(histories, candidates=candidates).pointwise_logits
+    assert logits.shape == (64,)
+
+
+def test_pointwise_without_head_is_an_error() -> None:
+    model = make()
+    with pytest.raises(ValueError, match="pointwise_head"):
+        model(torch.tensor([[1, 2]]), candidates=torch.tensor([3]), targets=torch.tensor([1.0]))
+
+
+def test_sampled_softmax_masks_accidental_hits() -> None:
+    model = make(loss="sampled_softmax", negative_sampler="in_batch", num_negatives=8)
+    input_ids = torch.tensor([[1, 2], [3, 4]])
+    labels = torch.tensor([[0, 5], [0, 5]])  # every in-batch negative is the positive itself
+    assert model(input_ids, labels=labels).loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_popularity_negatives_need_counts() -> None:
+    model = make(loss="sampled_softmax", negative_sampler="popularity")
+    with pytest.raises(ValueError, match="set_item_counts"):
+        model(torch.tensor([[1, 2]]), labels=torch.tensor([[2, 3]]))
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    model = make(item_representation="id+text", fusion="gate", text_dim=8, pointwise_head="click")
+    model.set_item_text_embeddings(torch.randn(51, 8))
+    model.set_item_counts(torch.arange(51).float())
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, RecModel)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), RecConfig)
+    assert loaded.config.to_dict() == model.config.to_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    input_ids, mask = pad_left([[1, 2, 3], [4, 5, 6, 7, 8]], 20)
+    a, b = model.score(input_ids, mask, k=10), loaded.score(input_ids, mask, k=10)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_top_k_exclusions() -> None:
+    model = make(num_items=12)
+    input_ids, mask = pad_left([[1, 2, 3], [4]], 20)
+    ids, scores = model.score(input_ids, mask, k=12, exclude=[[5, 6], []])
+    for row, banned in zip(ids.tolist(), [{1, 2, 3, 5, 6}, {4}], strict=True):
+        finite = row[: 12 - len(banned)]
+        assert 0 not in finite and not banned & set(finite)
+        assert sorted(finite) == sorted(set(range(1, 13)) - banned)
+    assert torch.isinf(scores[0, -len({1, 2, 3, 5, 6}) :]).all()
+    ids, _ = model.score(input_ids, mask, k=12, exclude_history=False)
+    assert set(ids[0].tolist()) == set(range(1, 13))  # history allowed, padding still never
+
+
+def test_explain_names_the_most_similar_history_items() -> None:
+    model = make(num_items=12)
+    with torch.no_grad():
+        table = model.items.id_embeddings.weight
+        table[1:] = torch.eye(16)[:12] * 3  # items 1..12 orthogonal
+        table[10] = table[3] * 2 + table[7]  # item 10 looks like 3, then a bit like 7
+    input_ids, mask = pad_left([[3, 7, 5, 3], [1]], 20)
+    names = model.explain(input_ids, mask, torch.tensor([[10], [10]]), n=3)
+    assert names.shape == (2, 1, 3)
+    assert names[0, 0, :2].tolist() == [3, 7]  # 3 listed once though watched twice
+    assert names[1, 0].tolist() == [1, 0, 0]  # a one-item history explains with that item only
+
+
+def test_cold_start_item_is_scored_from_its_text() -> None:
+    # items 1-10 share text "A", items 11-20 text "B"; users only ever move within one group
+    torch.manual_seed(3)
+    dim = 8
+    text = torch.zeros(21, dim)
+    text[1:11], text[11:21] = torch.randn(dim), torch.randn(dim)
+    text[1:] += 0.05 * torch.randn(20, dim)
+    model = make(seed=3, num_items=20, item_representation="id+text", fusion="sum", text_dim=dim)
+    model.set_item_text_embeddings(text)
+    g = torch.Generator().manual_seed(0)
+    seqs = [(torch.randint(1, 11, (8,), generator=g) + 10 * (u % 2)).tolist() for u in range(64)]
+    input_ids, mask, labels = next_item_batch(seqs, 20)
+    train(model, lambda: model(input_ids, mask, labels=labels).loss, steps=60)
+    # two new items nobody has seen: one with group A text, one with group B text
+    grown = torch.cat([text, text[1:2] + 0.05 * torch.randn(1, dim), text[11:12] + 0.05 * torch.randn(1, dim)])
+    model.resize_items(22, text_embeddings=grown)
+    user_a, mask_a = pad_left([[1, 2, 3, 4, 5]], 20)
+    user_b, mask_b = pad_left([[11, 12, 13, 14, 15]], 20)
+    scores_a = model.encode_users(user_a, mask_a) @ model.item_embeddings().T
+    scores_b = model.encode_users(user_b, mask_b) @ model.item_embeddings().T
+    assert scores_a[0, 21] > scores_a[0, 22]
+    assert scores_b[0, 22] > scores_b[0, 21]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(item_representation="id+text", fusion="sum", text_dim=4),
+     dict(item_representation="id+text", fusion="gate", text_dim=4), dict(item_representation="text", text_dim=4)],
+)
+def test_resize_items_keeps_old_rows(overrides: dict) -> None:
+    model = make(num_items=10, **overrides)
+    text = torch.randn(11, 4)
+    if model.config.uses_text:
+        model.set_item_text_embeddings(text)
+    before = model.item_embeddings()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    grown_text = torch.cat([torch.randn(11, 4), torch.randn(5, 4)])  # old rows differ: they must be kept
+    model.resize_items(15, text_embeddings=grown_text if model.config.uses_text else None)
+    assert model.config.num_items == 15
+    after = model.item_embeddings()
+    assert after.shape == (16, 16)
+    torch.testing.assert_close(after[:11], before, atol=0, rtol=0)
+    for key, value in model.state_dict().items():
+        if value.shape == weights[key].shape:
+            assert torch.equal(value, weights[key]), key
+    if model.config.uses_text:
+        new_from_text = model.items.text_proj(grown_text[11:])
+        if model.config.fusion in ("sum", "gate") or not model.config.uses_ids:
+            torch.testing.assert_close(after[11:], new_from_text)
+    with pytest.raises(ValueError, match="grow"):
+        model.resize_items(5)
+
+
+def test_config_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'num_items'"):
+        build_config("tiny", num_itmes=5)
+    with pytest.raises(ConfigError, match="model.encoder='gru'"):
+        build_config("tiny", encoder="gru")
+    with pytest.raises(ConfigError, match="text_dim"):
+        build_config("tiny", item_representation="text")
+    with pytest.raises(ConfigError, match="unknown model size"):
+        build_config("huge")
