@@ -72,10 +72,12 @@ def deploy(ns: argparse.Namespace) -> int:
     from ray import serve
 
     from rec_serve.app import APP_NAME, build_app
+    from rec_serve.predictor import check_model_folder
     from rec_serve.schemas import ServeArgs
 
     args = validate(ServeArgs, serve_args(ns), source="rec-serve deploy")
-    address = ns.address or os.environ.get("RAY_ADDRESS")
+    check_model_folder(args.model)  # before starting Ray, so a wrong path fails in a second
+    address = ns.address or os.environ.get("RAY_ADDRESS") or None
     ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
     signal.signal(signal.SIGTERM, _stop)
     try:

@@ -216,9 +216,10 @@ def build_api(replica: Recommender) -> FastAPI:
     @api.middleware("http")
     async def guard_and_measure(request: Request, call_next: Any) -> Any:
         start = time.perf_counter()
-        route = request.url.path if request.url.path.startswith("/v1/") else "other"
+        path = request.url.path.removeprefix(request.scope.get("root_path", ""))  # below the route prefix
+        route = path if path.startswith("/v1/") else "other"
         route = "/v1/items" if route.startswith("/v1/items/") else route
-        if replica.api_key is not None and request.url.path.startswith("/v1/"):
+        if replica.api_key is not None and path.startswith("/v1/"):
             sent = request.headers.get(API_KEY_HEADER, "").encode()
             if not hmac.compare_digest(sent, replica.api_key):
                 response = error(401, "missing or wrong X-API-Key header", request_id(request))

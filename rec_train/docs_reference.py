@@ -62,29 +62,33 @@ def module_tree(name: str) -> ast.Module | None:
     return ast.parse(path.read_text(), filename=str(path)) if path else None
 
 
-def literal_commands(name: str) -> dict[str, str]:
-    """command -> module of the `COMMANDS` dict of a CLI module (`{name: (module, help)}`)."""
+def cli_commands(name: str) -> dict[str, str]:
+    """command -> module of a CLI module: its `COMMANDS = {name: (module, help)}` dict, or else the
+    `add_parser("name", ...)` subcommands it defines itself."""
     tree = module_tree(name)
-    for node in tree.body if tree else ():
-        target = (
-            node.target
-            if isinstance(node, ast.AnnAssign)
-            else (node.targets[0] if isinstance(node, ast.Assign) else None)
-        )
-        if isinstance(target, ast.Name) and target.id == "COMMANDS" and node.value is not None:
-            commands = ast.literal_eval(node.value)
-            return {cmd: spec[0] if isinstance(spec, tuple) else spec for cmd, spec in commands.items()}
-    return {}
+    if tree is None:
+        return {}
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign | ast.Assign) and node.value is not None:
+            targets = [node.target] if isinstance(node, ast.AnnAssign) else node.targets
+            if any(isinstance(t, ast.Name) and t.id == "COMMANDS" for t in targets):
+                commands = ast.literal_eval(node.value)
+                return {cmd: spec[0] if isinstance(spec, tuple) else spec for cmd, spec in commands.items()}
+    return {
+        node.args[0].value: name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "add_parser"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+    }
 
 
 def sources() -> list[Source]:
     """The `rec-train` commands, the `rec-serve` commands and the Serve app builder."""
-    found = [
-        Source(f"rec-train {name}", module) for name, module in literal_commands("rec_train.cli").items()
-    ]
-    found += [
-        Source(f"rec-serve {name}", module) for name, module in literal_commands("rec_serve.cli").items()
-    ]
+    found = [Source(f"rec-train {name}", module) for name, module in cli_commands("rec_train.cli").items()]
+    found += [Source(f"rec-serve {name}", module) for name, module in cli_commands("rec_serve.cli").items()]
     found.append(Source("Serve app `rec_serve.app:build_app` (`applications[].args`)", "rec_serve.app"))
     return found
 
@@ -263,7 +267,9 @@ def config_models() -> dict[type[StrictModel], list[str]]:
     used_by: dict[type[StrictModel], list[str]] = {m: [] for m in roots}
     by_name = {(m.__module__, m.__name__): m for m in roots}
     for source in sources():
-        for name, module in imported_names(source.module).items():
+        defined = {m.__name__: m.__module__ for m in roots if m.__module__ == source.module}
+        names = imported_names(source.module) | defined
+        for name, module in names.items():
             model = by_name.get((module, name))
             if model is not None and source.label not in used_by[model]:
                 used_by[model].append(source.label)
@@ -281,7 +287,9 @@ def render() -> str:
         "",
         "Each key can be set in the YAML file a command reads (`--config FILE`) or on its command line",
         "as `key.sub=value` (the value is parsed as YAML). Unknown keys are errors that name the nearest",
-        "valid key.",
+        "valid key. The Serve app's arguments go under `applications[].args` of a Serve config",
+        "(`configs/serve/*.yaml`, also embedded by `cluster/kuberay/rayservice.yaml`); `rec-serve deploy`",
+        "takes the same settings as flags.",
         "",
     ]
     for model in used_by:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -54,6 +54,8 @@ class SplitConfig(StrictModel):
                 value = datetime.fromisoformat(value.strip())
             except ValueError as exc:
                 raise ValueError(f"{value!r} is neither an integer timestamp nor an ISO date") from exc
+        if isinstance(value, date) and not isinstance(value, datetime):  # YAML reads 2000-12-31 as a date
+            value = datetime(value.year, value.month, value.day)
         if isinstance(value, datetime):
             if value.tzinfo is None:
                 value = value.replace(tzinfo=timezone.utc)

@@ -226,7 +226,7 @@ def canonical_timestamps(col: pa.Array, name: str, problems: Problems, rows: np.
         ints = pc.cast(pc.if_else(is_int, text, pa.scalar(None, pa.string())), pa.int64())
         other = pc.if_else(is_int, pa.scalar(None, pa.string()), text).to_pandas()
         parsed = pd.to_datetime(other, errors="coerce", utc=True, format="ISO8601")
-        seconds = pa.array(parsed.astype("int64") // 10**9, mask=parsed.isna().to_numpy())
+        seconds = pa.array(parsed.dt.as_unit("s").astype("int64"), mask=parsed.isna().to_numpy())
         unparsed = other.notna().to_numpy() & parsed.isna().to_numpy()
         problems.add(name, "are not parseable timestamps (use integers or ISO 8601)", unparsed, rows, col)
         out = pc.coalesce(ints, seconds)

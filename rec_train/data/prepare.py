@@ -65,6 +65,8 @@ def ray_session(num_cpus: int | None = None) -> Iterator[None]:
 
 def _user_error(exc: BaseException) -> DataError | None:
     """The `DataError` a Ray task raised, however Ray wrapped it (cause chain, RayTaskError)."""
+    from ray.exceptions import RayError
+
     seen: set[int] = set()
     stack: list[BaseException | None] = [exc]
     while stack:
@@ -72,7 +74,7 @@ def _user_error(exc: BaseException) -> DataError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, DataError):
+        if isinstance(e, DataError) and not isinstance(e, RayError):
             return e
         stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
     return None
@@ -200,13 +202,17 @@ def _sequence_options(config: PrepareConfig) -> SequenceOptions:
     )
 
 
-def _run(config: PrepareConfig, out: storage.Location, item_table: pa.Table | None) -> dict[str, Any]:
+def _run(
+    config: PrepareConfig,
+    out: storage.Location,
+    tasks: list[formats.ReadTask],
+    item_table: pa.Table | None,
+    old_items: pa.Table | None,
+) -> dict[str, Any]:
     import ray.data
     from ray.data import SaveMode
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    tasks = formats.plan_reads(config)
-    old_items = dataset.read_items(config.vocab_from) if config.vocab_from else None
     skipped: dict[str, int] = {}
 
     # 1. read + validate, one task per file (or parquet row-group range)
@@ -331,16 +337,20 @@ def _run(config: PrepareConfig, out: storage.Location, item_table: pa.Table | No
 def prepare(config: PrepareConfig) -> dict[str, Any]:
     """Prepare a dataset; returns the summary (`users`, `items`, `events`, `skipped`, `output`, ...)."""
     started = time.perf_counter()
-    out = _check_output(config)
+    # everything that can be checked without Ray first, so bad input fails in seconds
+    tasks = formats.plan_reads(config)
     item_table = formats.read_item_table(config) if config.items else None
+    old_items = dataset.read_items(config.vocab_from) if config.vocab_from else None
+    out = _check_output(config)
     with ray_session(config.num_cpus):
         try:
-            counts = _run(config, out, item_table)
+            counts = _run(config, out, tasks, item_table, old_items)
         except Exception as exc:
             error = _user_error(exc)
             if error is None or error is exc:
                 raise
-            raise DataError(str(error)) from None
+            # our one-line message, without Ray's task traceback or the retry advice it appends
+            raise DataError(str(error).splitlines()[0]) from None
     return {**counts, "output": out.uri, "seconds": round(time.perf_counter() - started, 2)}
 
 

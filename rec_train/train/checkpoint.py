@@ -113,11 +113,10 @@ def model_from_checkpoint(directory: Path) -> RecModel:
     model = RecModel(config)
     state = consolidated_state_dict(directory)
     if any(".lora_" in key for key in state):
-        from rec_train.train.config import FinetuneSection
-        from rec_train.train.model_init import lora_scaling, merge_lora
+        from rec_train.train.model_init import merge_lora
 
-        finetune = FinetuneSection(**json.loads((directory / RUN_INFO).read_text())["config"]["finetune"])
-        state = merge_lora(state, lora_scaling(finetune, state))
+        finetune = json.loads((directory / RUN_INFO).read_text())["config"]["finetune"]
+        state = merge_lora(state, finetune["lora_alpha"] / finetune["lora_rank"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in dict(model.named_buffers())]
     if missing or unexpected:

@@ -33,7 +33,7 @@ class ModelSection(StrictModel):
 
     size: str = "tiny"
     overrides: dict[str, Any] = Field(default_factory=dict)
-    max_seq_len: int | None = Field(None, ge=1, description="default: the dataset's max_seq_len")
+    max_seq_len: int | None = Field(None, ge=1, description="default: the dataset's, else the size's max_seq_len")
 
 
 class OptimSection(StrictModel):
@@ -111,12 +111,15 @@ class RunSection(StrictModel):
 
 
 class FinetuneSection(StrictModel):
-    """Fine-tuning a pre-trained model (`rec-train finetune --from URI`)."""
+    """Fine-tuning a pre-trained model (`rec-train finetune --from URI`): next-item prediction on the new
+    dataset (a new domain or time window) with a freeze policy or LoRA; set a lower optim.lr."""
 
-    task: Literal["next_item", "rating", "click"] = "next_item"
-    freeze: str = Field("none", description="freeze policy of rec_train.model (e.g. none, embeddings, encoder)")
-    lora_rank: int = Field(0, ge=0, description="LoRA rank on the encoder's attention (0: no LoRA)")
-    lora_alpha: float = Field(16.0, gt=0)
+    freeze: Literal["none", "embeddings", "backbone", "all_but_top_n"] = Field(
+        "none", description="rec_train.model.peft_utils freeze policy"
+    )
+    top_n: int = Field(1, ge=1, description="blocks that train under freeze=all_but_top_n")
+    lora_rank: int = Field(0, ge=0, description="LoRA rank on the blocks' attention and MLP projections (0: none)")
+    lora_alpha: int = Field(16, ge=1)
 
 
 class TrainConfig(StrictModel):

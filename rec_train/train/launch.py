@@ -83,7 +83,7 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
 
     manifest = load_manifest(config.data.path)
     num_items = int(read_items(config.data.path)["item_index"].to_numpy().max())
-    max_seq_len = config.model.max_seq_len or int(manifest["max_seq_len"])
+    max_seq_len = config.model.max_seq_len or manifest.get("max_seq_len")  # None: the model size's
     workers = config.scaling.num_workers
     rows_per_worker = math.ceil(int(manifest["counts"]["users"]) / workers)
     steps_per_epoch = max(1, math.ceil(rows_per_worker / config.train.batch_size / config.train.grad_accum))
@@ -93,7 +93,12 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
     run_uri = runs.join(name).uri
     env = aws_env()
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+        runtime_env = {"env_vars": env} if env else None
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(runtime_env=runtime_env)
+        else:  # a local Ray: room for the workers plus Ray Data's read tasks
+            needed = math.ceil(workers * config.scaling.cpus_per_worker) + 1
+            ray.init(num_cpus=max(os.cpu_count() or 1, needed), runtime_env=runtime_env)
 
     include_valid = config.data.include_valid
     train = ray_dataset(config.data.path, columns=TRAIN_COLUMNS).map_batches(

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
+import resource
 import tempfile
 import time
 from contextlib import nullcontext
@@ -32,31 +32,9 @@ from rec_train.train.deepspeed_config import deepspeed_config
 from rec_train.train.evaluate import model_scores, split_histogram
 from rec_train.train.metrics import metrics_from_histogram
 from rec_train.train.model_init import apply_finetune_policy, build_model
+from rec_train.train.optim import build_optimizer, lr_lambda
 
 METRICS_FILE = "metrics.jsonl"
-
-
-def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
-    """Linear warm-up over `warmup_ratio` of the steps, then cosine decay to `min_lr_ratio`."""
-    warmup = max(1, int(total_steps * warmup_ratio))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; matrices decay, biases, norms and embeddings' padding do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    o = config.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=o.betas, eps=o.eps)
 
 
 def append_metrics(run_uri: str, records: list[dict[str, Any]], keep_through_epoch: int | None = None) -> None:
@@ -67,6 +45,13 @@ def append_metrics(run_uri: str, records: list[dict[str, Any]], keep_through_epo
         kept = [r for r in kept if r.get("epoch", 0) <= keep_through_epoch]
     lines = [json.dumps(r, sort_keys=True) for r in [*kept, *records]]
     storage.write_text(storage.resolve(run_uri).join(METRICS_FILE), "\n".join(lines) + "\n")
+
+
+def peak_memory_mb(on_gpu: bool) -> float:
+    """Peak accelerator memory allocated on GPUs; peak resident memory of the worker process on CPUs."""
+    if on_gpu:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def read_metrics(run_uri: str) -> list[dict[str, Any]]:
@@ -107,10 +92,11 @@ class Evaluator:
 def _plain_copy(module: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     """A copy of a gathered ZeRO-3 module without DeepSpeed's hooks (LoRA merged), for scoring."""
     from rec_train.model import RecModel
-    from rec_train.train.model_init import lora_scaling, merge_lora
+    from rec_train.train.model_init import merge_lora
 
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    state = merge_lora(state, lora_scaling(config.finetune, state))
+    if config.finetune is not None and config.finetune.lora_rank:
+        state = merge_lora(state, config.finetune.lora_alpha / config.finetune.lora_rank)
     plain = RecModel(copy.deepcopy(module.config)).to(next(module.parameters()).device)
     plain.load_state_dict(state)
     return plain.eval()
@@ -155,7 +141,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         if rank == 0:
             append_metrics(run_uri, [{"event": "resumed", "epoch": state.epoch, "step": state.step}], state.epoch)
 
-    evaluate = Evaluator(engine, config, payload["max_seq_len"], device)
+    max_seq_len = model_config.max_seq_len
+    evaluate = Evaluator(engine, config, max_seq_len, device)
     split = config.eval_split
     metric_key = f"{split}_{config.eval.metric}"
     train_shard = ray.train.get_dataset_shard("train")
@@ -171,7 +158,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             local_shuffle_seed=seed + epoch if config.data.shuffle_buffer else None,
         )  # fmt: skip
         for rows in rows_iter:
-            batch = training_batch(rows, payload["max_seq_len"], config.data.include_valid)
+            batch = training_batch(rows, max_seq_len, config.data.include_valid)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss = engine(**batch).loss
             engine.backward(loss)
@@ -182,10 +169,13 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         seconds = time.perf_counter() - start
         totals = torch.tensor([loss_sum.item(), micro_batches, sequences], dtype=torch.float64, device=device)
         dist.all_reduce(totals)
+        peak = torch.tensor([peak_memory_mb(on_gpu)], dtype=torch.float64, device=device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the most any worker used
         state.epoch, state.step = epoch, engine.global_steps
         metrics: dict[str, Any] = {
             "epoch": epoch, "step": state.step, "loss": totals[0].item() / max(1.0, totals[1].item()),
             "sequences_per_s": totals[2].item() / seconds, "lr": scheduler.get_last_lr()[0],
+            "peak_memory_mb": peak.item(),
         }  # fmt: skip
 
         last = epoch >= config.train.epochs

@@ -11,27 +11,11 @@ from typing import Any
 
 import pyarrow as pa
 import torch
-from safetensors.torch import load as load_safetensors
 
 from rec_train import storage
-from rec_train.errors import DataError, RayrecError
+from rec_train.errors import DataError
 from rec_train.model import RecModel, build_config
 from rec_train.train.config import FinetuneSection, TrainConfig
-
-TEXT_EMBEDDINGS = "item_text_embeddings.safetensors"
-FREEZE_POLICIES = {
-    "none": (),
-    "items": ("items.",),  # item table and text projection fixed: the sequence encoder adapts
-    "encoder": ("encoder.", "in_proj.", "out_proj."),  # the encoder fixed: item vectors adapt
-}
-
-
-def read_text_embeddings(data_path: str) -> torch.Tensor:
-    """`item_text_embeddings.safetensors` of a prepared dataset: float32 [num_items + 1, dim]."""
-    loc = storage.resolve(data_path).join(TEXT_EMBEDDINGS)
-    if not storage.exists(loc):
-        raise DataError(f"{loc.uri} is missing: the model uses item text; run `rec-train embed-items` on the dataset")
-    return load_safetensors(storage.read_bytes(loc))["embeddings"].float()
 
 
 def item_counts(items: pa.Table, num_items: int) -> torch.Tensor:
@@ -65,12 +49,19 @@ def _source_items(source: str, info: dict[str, Any]) -> pa.Table:
     return read_items(info["data_path"])
 
 
-def build_model(config: TrainConfig, num_items: int, max_seq_len: int, items: pa.Table, init_from: str | None) -> RecModel:
+def read_text_embeddings(data_path: str) -> torch.Tensor:
+    from rec_train.model.text import read_item_text_embeddings
+
+    return read_item_text_embeddings(data_path)[0].float()
+
+
+def build_model(
+    config: TrainConfig, num_items: int, max_seq_len: int | None, items: pa.Table, init_from: str | None
+) -> RecModel:
     """A fresh model of `config.model.size`, or the model at `init_from` grown to `num_items`."""
     if init_from is None:
-        model_config = build_config(
-            config.model.size, **{"num_items": num_items, "max_seq_len": max_seq_len, **config.model.overrides}
-        )
+        fixed = {"num_items": num_items, **({"max_seq_len": max_seq_len} if max_seq_len else {})}
+        model_config = build_config(config.model.size, **{**fixed, **config.model.overrides})
         model = RecModel(model_config)
         if model_config.uses_text:
             model.set_item_text_embeddings(read_text_embeddings(config.data.path))
@@ -95,28 +86,21 @@ def build_model(config: TrainConfig, num_items: int, max_seq_len: int, items: pa
 
 
 def apply_finetune_policy(model: RecModel, finetune: FinetuneSection) -> torch.nn.Module:
-    """Freeze parameters by policy and, with `lora_rank > 0`, add LoRA adapters to the encoder's linear
-    layers (peft). Returns the module to train (the model itself, or its peft wrapper)."""
-    if finetune.freeze not in FREEZE_POLICIES:
-        raise RayrecError(f"finetune.freeze={finetune.freeze!r} is not one of {', '.join(FREEZE_POLICIES)}")
-    prefixes = FREEZE_POLICIES[finetune.freeze]
-    for name, param in model.named_parameters():
-        if name.startswith(prefixes):
-            param.requires_grad_(False)
-    if finetune.lora_rank == 0:
-        return model
-    from peft import LoraConfig, inject_adapter_in_model
+    """Freeze by policy, or (lora_rank > 0) wrap in peft LoRA; returns the module to train."""
+    from rec_train.model.peft_utils import apply_freeze_policy, apply_lora
 
-    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.encoder.named_modules() if isinstance(m, torch.nn.Linear)})
-    lora = LoraConfig(r=finetune.lora_rank, lora_alpha=finetune.lora_alpha, target_modules=targets, lora_dropout=0.0)
-    for param in model.encoder.parameters():
-        param.requires_grad_(False)
-    inject_adapter_in_model(lora, model.encoder)
+    if finetune.lora_rank > 0:
+        return apply_lora(model, r=finetune.lora_rank, alpha=finetune.lora_alpha)
+    apply_freeze_policy(model, finetune.freeze, finetune.top_n)
     return model
 
 
-def merge_lora(state: dict[str, torch.Tensor], scaling: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Fold LoRA factors into their base weights: W + (alpha / r) B A; keys become the plain model's."""
+PEFT_PREFIX = "base_model.model."
+
+
+def merge_lora(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """A peft LoRA state dict -> the plain model's: W + (alpha / r) B A folded into each base weight."""
+    state = {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()}
     merged = {}
     for key, value in state.items():
         if ".lora_" in key:
@@ -124,16 +108,7 @@ def merge_lora(state: dict[str, torch.Tensor], scaling: dict[str, float]) -> dic
         if key.endswith(".base_layer.weight"):
             stem = key[: -len(".base_layer.weight")]
             a, b = state[f"{stem}.lora_A.default.weight"], state[f"{stem}.lora_B.default.weight"]
-            merged[f"{stem}.weight"] = value + scaling[stem] * (b @ a)  # [out, r] @ [r, in] -> [out, in]
-        elif ".base_layer." in key:
-            merged[key.replace(".base_layer.", ".")] = value
+            merged[f"{stem}.weight"] = value + scaling * (b @ a)  # [out, r] @ [r, in] -> [out, in]
         else:
-            merged[key] = value
+            merged[key.replace(".base_layer.", ".")] = value
     return merged
-
-
-def lora_scaling(finetune: FinetuneSection | None, state: dict[str, torch.Tensor]) -> dict[str, float]:
-    if finetune is None or finetune.lora_rank == 0:
-        return {}
-    stems = [k[: -len(".lora_A.default.weight")] for k in state if k.endswith(".lora_A.default.weight")]
-    return dict.fromkeys(stems, finetune.lora_alpha / finetune.lora_rank)

@@ -146,17 +146,17 @@ def test_the_jobs_api_refuses_requests_without_the_token(ray_head: Head) -> None
 def test_submit_prepare_and_pretrain_as_a_ray_job(ray_head: Head, tmp_path: Path) -> None:
     raw, dataset, runs = tmp_path / "raw", tmp_path / "dataset", tmp_path / "runs"
     synth = subprocess.run(
-        [str(BIN / "rec-train"), "synth", "--output", str(raw), "--users", "120", "--items", "60", "--seed", "3"],
+        [str(BIN / "rec-train"), "synth", "--output", str(raw), "--users", "120", "--items", "60", "--events", "3000", "--seed", "3"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert synth.returncode == 0, synth.stderr
     job_id = f"rayrec-{uuid.uuid4().hex[:8]}"
     entrypoint = [
-        "rec-train", "prepare", "--format", "parquet", "--events", str(raw / "events.parquet"),
+        "rec-train", "prepare", "--config", "configs/data/synthetic.yaml", "--events", str(raw / "events.parquet"),
         "--items", str(raw / "items.parquet"), "--output", str(dataset),
-        "&&", "rec-train", "pretrain", "--config", "configs/pretrain/tiny.yaml",
+        "&&", "rec-train", "pretrain", "--config", "configs/pretrain/synthetic.yaml", "--no-progress",
         f"data.path={dataset}", f"run.storage={runs}", "run.name=job", "train.epochs=2",
-        "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+        "checkpoint.every_epochs=1", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
     ]  # fmt: skip
     submit = ray_head.ray(
         "job", "submit", "--address", ray_head.address, "--submission-id", job_id, "--no-wait",
@@ -170,9 +170,11 @@ def test_submit_prepare_and_pretrain_as_a_ray_job(ray_head: Head, tmp_path: Path
     assert logs.returncode == 0, logs.stderr
     assert status == "SUCCEEDED", logs.stdout[-5000:]
 
-    # The job ran from the uploaded copy of the repository, with the venv's commands.
-    summary = next(json.loads(line) for line in logs.stdout.splitlines() if line.startswith('{"users"'))
-    assert summary["users"] > 0 and summary["items"] > 0
-    manifest = json.loads((dataset / "manifest.json").read_text())
-    assert manifest["counts"]["users"] == summary["users"]
-    assert (runs / "job").is_dir() and any((runs / "job").rglob("checkpoint*"))
+    # Both commands ran (from the uploaded copy of the repository, with the venv's commands) and
+    # printed their JSON summaries: the prepared dataset, then the trained run and its checkpoint.
+    lines = logs.stdout.splitlines()
+    prepared = next(json.loads(line) for line in lines if line.startswith('{"users"'))
+    assert prepared["users"] == json.loads((dataset / "manifest.json").read_text())["counts"]["users"] > 0
+    trained = next(json.loads(line) for line in lines if line.startswith('{"run"'))
+    assert Path(trained["run"]) == runs / "job"
+    assert trained["epoch"] == 2 and Path(trained["checkpoint"]).is_dir()

@@ -207,7 +207,7 @@ def test_malformed_requests_get_4xx_saying_what_to_fix(
 
 
 def test_chunked_body_over_the_limit_gets_413(server: Server) -> None:
-    chunks = iter([b'{"history": [' + b'"17",' * 10000, b'"17"]}'])
+    chunks = iter([b'{"history": [' + b'"17",' * 20000, b'"17"]}'])
     response = server.client.post(
         "/v1/recommend", content=chunks, headers={"Content-Type": "application/json"}
     )
@@ -226,7 +226,7 @@ def test_api_key_is_required_where_configured(server: Server) -> None:
     assert c.post("/v1/recommend", json=body).status_code == 200  # the open app stays open
 
 
-# ------------------------------------------------------------------ batching and live reconfiguration
+# ------------------------------------------------------------------ batching
 
 
 def replica_stats(server: Server, polls: int = 30) -> dict[str, dict[str, Any]]:
@@ -248,31 +248,12 @@ def burst(server: Server, n: int = 64) -> list[int]:
         return list(pool.map(one, range(n)))
 
 
-def test_concurrent_requests_are_batched_and_batching_reconfigures_live(server: Server) -> None:
+def test_concurrent_requests_are_batched(server: Server) -> None:
     assert set(burst(server)) == {200}
-    before = replica_stats(server)
-    assert len(before) == 2
-    assert max(s["max_batch_size_seen"] for s in before.values()) > 1
-    assert all(s["max_batch_size"] == 32 for s in before.values())
-
-    # Same model, batching off: a user_config change reaches the running replicas through reconfigure.
-    serve.run(
-        build_app({"model": str(server.folder), "replicas": 2, "max_batch_size": 1, "max_body_bytes": 65536}),
-        name=APP_NAME,
-        route_prefix="/",
-    )
-    after_reconfigure = replica_stats(server)
-    assert set(after_reconfigure) == set(before)  # the same replicas, not restarted
-    assert all(s["max_batch_size"] == 1 for s in after_reconfigure.values())
-    assert set(burst(server, 32)) == {200}
-    after = replica_stats(server)
-    new_batches = sum(after[r]["batches"] - after_reconfigure[r]["batches"] for r in after)
-    new_requests = sum(
-        after[r]["mean_batch_size"] * after[r]["batches"]
-        - after_reconfigure[r]["mean_batch_size"] * after_reconfigure[r]["batches"]
-        for r in after
-    )
-    assert new_batches == pytest.approx(new_requests) and new_batches >= 32
+    stats = replica_stats(server)
+    assert len(stats) == 2
+    assert max(s["max_batch_size_seen"] for s in stats.values()) > 1
+    assert all(s["max_batch_size"] == 32 and s["batch_wait_timeout_s"] == 0.05 for s in stats.values())
 
 
 # ------------------------------------------------------------------ fuzzing

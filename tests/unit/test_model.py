@@ -19,6 +19,15 @@ ENCODERS = {
 CAUSAL = ["llama", "sasrec", "hstu"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make(seed: int = 0, **overrides) -> RecModel:
     torch.manual_seed(seed)
     return RecModel(build_config("tiny", **overrides)).eval()
@@ -102,7 +111,7 @@ LOSSES = {
     "sampled_popularity_logq": dict(
         loss="sampled_softmax", negative_sampler="popularity", num_negatives=16, logq_correction=True
     ),
-    "masked_item": dict(encoder="bert", objective="masked_item", mask_prob=0.3),
+    "masked_item": dict(encoder="bert", objective="masked_item", mask_prob=0.5),
     "hstu_sampled": dict(encoder="hstu", loss="sampled_softmax", num_negatives=16),
     "sasrec_full": dict(encoder="sasrec"),
 }
@@ -128,7 +137,7 @@ def test_item_losses_decrease(name: str) -> None:
     seqs = cyclic_sequences(30, 64, 10)
     input_ids, mask, labels = next_item_batch(seqs, 20)
     model.set_item_counts(torch.cat([torch.zeros(1), torch.arange(1, 31).float()]))
-    first, last = train(model, lambda: model(input_ids, mask, labels=labels).loss)
+    first, last = train(model, lambda: model(input_ids, mask, labels=labels).loss, steps=80)
     assert last < 0.6 * first, (first, last)
 
 
@@ -175,7 +184,7 @@ def test_save_load_round_trip(tmp_path) -> None:
     loaded = AutoModel.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, RecModel)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), RecConfig)
-    assert loaded.config.to_dict() == model.config.to_dict()
+    assert {**loaded.config.to_dict(), "_name_or_path": ""} == {**model.config.to_dict(), "_name_or_path": ""}
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
     input_ids, mask = pad_left([[1, 2, 3], [4, 5, 6, 7, 8]], 20)

@@ -1,0 +1,77 @@
+"""Chronological per-user sequences, truncation, duplicates and both splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from rec_train.data.sequences import (
+    USER_ROW_SCHEMA,
+    SequenceOptions,
+    build_sequences,
+    split_by_time,
+    split_leave_one_out,
+    truncate,
+)
+
+
+def events(rows: list[tuple[str, int, int]]) -> pa.Table:
+    users, items, times = zip(*rows, strict=True)
+    return pa.table(
+        {
+            "user_id": list(users),
+            "item_index": pa.array(items, pa.int32()),
+            "timestamp": pa.array(times, pa.int64()),
+            "order": pa.array(range(len(rows)), pa.int64()),
+        }
+    )
+
+
+def test_truncate_keeps_most_recent() -> None:
+    items, times = truncate(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 40]), 2)
+    assert items.tolist() == [3, 4] and times.tolist() == [30, 40]
+    assert truncate(np.array([1, 2]), np.array([1, 2]), None)[0].tolist() == [1, 2]
+
+
+def test_leave_one_out() -> None:
+    train, valid, test = split_leave_one_out(np.array([5, 6, 7, 8]))
+    assert (train.tolist(), valid, test) == ([5, 6], 7, 8)
+    assert split_leave_one_out(np.array([9]))[1:] == (0, 9)
+
+
+def test_split_by_time_uses_first_event_of_each_window() -> None:
+    items, times = np.array([1, 2, 3, 4, 5]), np.array([10, 20, 30, 40, 50])
+    train, valid, test = split_by_time(items, times, valid_cutoff=25, test_cutoff=40)
+    assert (train.tolist(), valid, test) == ([1, 2], 3, 4)
+    assert split_by_time(items, times, 100, 200)[1:] == (0, 0)
+
+
+def test_build_sequences_orders_by_time_then_input_order() -> None:
+    table = events([("u1", 3, 30), ("u2", 9, 5), ("u1", 1, 10), ("u1", 2, 10), ("u1", 4, 40)])
+    rows = build_sequences(table, SequenceOptions(min_user_events=3))
+    assert rows.schema == USER_ROW_SCHEMA
+    u1, u2 = rows.to_pylist()
+    assert u1["items"] == [1, 2, 3, 4] and u1["timestamps"] == [10, 10, 30, 40]
+    assert (u1["train_items"], u1["valid_item"], u1["test_item"]) == ([1, 2], 3, 4)
+    assert not u1["short"] and u2["short"] and u2["n_events"] == 1
+
+
+def test_duplicates_are_counted_and_dropped_or_kept() -> None:
+    table = events([("u", 1, 1), ("u", 1, 1), ("u", 2, 2), ("u", 1, 3)])
+    dropped = build_sequences(table, SequenceOptions()).to_pylist()[0]
+    assert dropped["items"] == [1, 2, 1] and dropped["n_duplicates"] == 1  # a later repeat is not a duplicate
+    kept = build_sequences(table, SequenceOptions(drop_duplicates=False)).to_pylist()[0]
+    assert kept["items"] == [1, 1, 2, 1] and kept["n_duplicates"] == 1
+
+
+def test_truncation_before_split_and_counted() -> None:
+    table = events([("u", i, i) for i in range(1, 8)])
+    row = build_sequences(table, SequenceOptions(max_seq_len=4)).to_pylist()[0]
+    assert row["items"] == [4, 5, 6, 7] and row["train_items"] == [4, 5]
+    assert row["n_events"] == 7 and row["n_truncated"] == 3
+
+
+def test_time_split_in_build_sequences() -> None:
+    table = events([("u", 1, 1), ("u", 2, 5), ("u", 3, 6), ("u", 4, 9)])
+    row = build_sequences(table, SequenceOptions(split="time", valid_cutoff=5, test_cutoff=9)).to_pylist()[0]
+    assert (row["train_items"], row["valid_item"], row["test_item"]) == ([1], 2, 4)

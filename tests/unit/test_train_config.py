@@ -1,0 +1,105 @@
+"""TrainConfig validation, the DeepSpeed dict derived from it, the LR schedule, batches, shipped YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from rec_train.config import ConfigError, load_config
+from rec_train.train.batches import eval_batch, trainable_rows, training_batch
+from rec_train.train.config import TrainConfig
+from rec_train.train.deepspeed_config import deepspeed_config
+from rec_train.train.optim import lr_lambda
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((REPO / "configs" / "pretrain").glob("*.yaml")) + sorted((REPO / "configs" / "finetune").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_configs_load_and_start_with_their_command(path: Path) -> None:
+    first = path.read_text().splitlines()[0]
+    command = "finetune" if path.parent.name == "finetune" else "pretrain"
+    assert first.startswith(f"# rec-train {command} ") and str(path.relative_to(REPO)) in first
+    config = load_config(TrainConfig, path)
+    assert (config.finetune is not None) == (command == "finetune")
+
+
+def test_there_are_shipped_configs() -> None:
+    names = {p.name for p in SHIPPED}
+    assert "ml-1m.yaml" in names and len(SHIPPED) >= 3
+
+
+def test_deepspeed_dict_is_derived_from_the_typed_config() -> None:
+    config = TrainConfig.model_validate(
+        {"data": {"path": "d"}, "train": {"batch_size": 8, "grad_accum": 4}, "optim": {"grad_clip": 0.5},
+         "deepspeed": {"zero_stage": 3, "offload_optimizer": True, "offload_params": True}}
+    )  # fmt: skip
+    cpu = deepspeed_config(config, world_size=2, on_gpu=False)
+    assert cpu["train_batch_size"] == 8 * 4 * 2
+    assert cpu["train_micro_batch_size_per_gpu"] == 8 and cpu["gradient_accumulation_steps"] == 4
+    assert cpu["gradient_clipping"] == 0.5
+    assert cpu["bf16"] == {"enabled": False}  # fp32 on CPUs
+    assert cpu["zero_optimization"]["stage"] == 3
+    assert cpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert cpu["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert deepspeed_config(config, world_size=1, on_gpu=True)["bf16"] == {"enabled": True}
+    config.deepspeed.precision = "fp32"
+    assert deepspeed_config(config, world_size=1, on_gpu=True)["bf16"] == {"enabled": False}
+
+
+def test_bad_keys_and_values_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'train.epochs'"):
+        load_config(TrainConfig, None, ["data.path=d", "train.epoch=3"])
+    with pytest.raises(ConfigError, match="offload_params needs deepspeed.zero_stage=3"):
+        load_config(TrainConfig, None, ["data.path=d", "deepspeed.zero_stage=2", "deepspeed.offload_params=true"])
+    with pytest.raises(ConfigError, match=r"eval.metric='ndcg@20' needs 20 in eval.ks"):
+        load_config(TrainConfig, None, ["data.path=d", "eval.metric=ndcg@20"])
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage"):
+        load_config(TrainConfig, None, ["data.path=d", "deepspeed.zero_stage=4"])
+
+
+def test_lr_warms_up_then_decays_by_cosine_to_the_floor() -> None:
+    f = lr_lambda(total_steps=100, warmup_ratio=0.1, min_lr_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(100) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 120))
+
+
+ROWS = pa.table(
+    {
+        "train_items": pa.array([[1, 2, 3, 4], [5], [6, 7]], pa.list_(pa.int32())),
+        "valid_item": pa.array([5, 6, 0], pa.int32()),
+        "test_item": pa.array([6, 7, 8], pa.int32()),
+    }
+)
+
+
+def test_training_batch_shifts_labels_and_left_pads() -> None:
+    batch = training_batch(ROWS, max_len=3, include_valid=False)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [0, 0, 0], [0, 0, 6]]
+    assert batch["labels"].tolist() == [[2, 3, 4], [0, 0, 0], [0, 0, 7]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 0], [0, 0, 1]]
+    with_valid = training_batch(ROWS, max_len=3, include_valid=True)
+    assert with_valid["input_ids"].tolist()[0] == [2, 3, 4] and with_valid["labels"].tolist()[0] == [3, 4, 5]
+    assert with_valid["labels"].tolist()[1] == [0, 0, 6]
+
+
+def test_trainable_rows_need_an_input_and_a_label() -> None:
+    assert trainable_rows(ROWS, include_valid=False)["train_items"].to_pylist() == [[1, 2, 3, 4], [6, 7]]
+    assert trainable_rows(ROWS, include_valid=True).num_rows == 3
+
+
+def test_eval_batch_history_and_targets_per_split() -> None:
+    valid = eval_batch(ROWS, "valid", max_len=2)
+    assert valid.targets.tolist() == [5, 6]  # the third user has no validation target
+    assert valid.input_ids.tolist() == [[3, 4], [0, 5]]
+    assert valid.seen.tolist() == [[1, 2, 3, 4], [0, 0, 0, 5]]
+    test = eval_batch(ROWS, "test", max_len=8)
+    assert test.targets.tolist() == [6, 7, 8]
+    assert test.seen.tolist()[1] == [0, 0, 0, 5, 6]
+    with pytest.raises(ValueError, match="split must be one of"):
+        eval_batch(ROWS, "train", 2)
