@@ -131,6 +131,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
         "ray_num_cpus": args.num_cpus,
+        "load_avg_1m_at_start": round(os.getloadavg()[0], 1),  # the machine may be shared
     }
     try:
         with ray_session(args.num_cpus):
@@ -146,6 +147,7 @@ def main() -> None:
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
+    result["load_avg_1m_at_end"] = round(os.getloadavg()[0], 1)
     print(json.dumps(result), flush=True)
 
 

@@ -262,18 +262,24 @@ def cell(text: str) -> str:
 
 
 def config_models() -> dict[type[StrictModel], list[str]]:
-    """Each top-level config model -> the sources whose module imports it (possibly none)."""
+    """Each top-level config model -> the sources that import or define it (possibly none), in the
+    order of the commands (`rec-train prepare` first); models no command uses come last."""
     roots = root_models(project_models())
     used_by: dict[type[StrictModel], list[str]] = {m: [] for m in roots}
     by_name = {(m.__module__, m.__name__): m for m in roots}
+    labels = [source.label for source in sources()]
     for source in sources():
         defined = {m.__name__: m.__module__ for m in roots if m.__module__ == source.module}
-        names = imported_names(source.module) | defined
-        for name, module in names.items():
+        for name, module in (imported_names(source.module) | defined).items():
             model = by_name.get((module, name))
             if model is not None and source.label not in used_by[model]:
                 used_by[model].append(source.label)
-    return dict(sorted(used_by.items(), key=lambda kv: (not kv[1], roots.index(kv[0]))))
+
+    def order(model: type[StrictModel]) -> tuple[int, int]:
+        first = min((labels.index(label) for label in used_by[model]), default=len(labels))
+        return first, roots.index(model)
+
+    return {model: used_by[model] for model in sorted(roots, key=order)}
 
 
 def render() -> str:

@@ -333,7 +333,7 @@ def read_events(task: ReadTask) -> Iterator[pa.Table]:
     except OSError as exc:
         raise DataError(f"cannot read {task.uri}: {exc}") from exc
     problems.raise_if_any("line" if task.source.kind == "text" else "row")
-    if row == 0 and task.first_row == 0 and not task.row_groups:
+    if row == task.first_row:
         raise DataError(
             f"{task.uri}: no events (the file is empty); point --events at the file with the data"
         )

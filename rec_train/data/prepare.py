@@ -272,8 +272,8 @@ def _run(
         skipped["short_user_events"] = int(pc.sum(pc.filter(stats["n_events"], short)).as_py() or 0)
         kept = pc.invert(short)
     else:
-        skipped["short_users"] = 0
         kept = pc.greater(stats["n_events"], 0)  # a user whose every event was dropped has nothing to keep
+        skipped["users_without_events"] = len(kept) - int(pc.sum(kept).as_py() or 0)
     skipped["truncated_events"] = int(pc.sum(pc.filter(stats["n_truncated"], kept)).as_py() or 0)
     users = build_user_vocab(pc.filter(stats["user_id"], kept))
     if users.num_rows == 0:
@@ -295,7 +295,7 @@ def _run(
     per_block = sequences.map_batches(
         _item_counts, fn_kwargs={"num_items": num_items}, batch_format="pyarrow"
     )
-    item_counts = np.sum([np.asarray(c) for c in _collect(per_block)["counts"].to_pylist()], axis=0)
+    item_counts = np.sum([c.values.to_numpy() for c in _collect(per_block)["counts"]], axis=0)
     items = items.set_column(items.schema.get_field_index("count"), "count",
                              pa.array(item_counts[items["item_index"].to_numpy()], pa.int64()))  # fmt: skip
     sequences.write_parquet(

@@ -79,8 +79,15 @@ class RecConfig(PretrainedConfig):
             raise ValueError(
                 f"model.pointwise_head={self.pointwise_head!r} is not one of {', '.join(POINTWISE_HEADS)} or null"
             )
-        for key in ("num_items", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_seq_len",
-                    "intermediate_size", "num_negatives"):
+        for key in (
+            "num_items",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_seq_len",
+            "intermediate_size",
+            "num_negatives",
+        ):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
         if self.uses_text and self.text_dim < 1:
@@ -104,8 +111,10 @@ class RecConfig(PretrainedConfig):
                 f"(got {self.encoder!r})"
             )
         if self.encoder == "bert" and self.objective != "masked_item":
-            raise ValueError("model.encoder='bert' sees the whole sequence: set model.objective='masked_item'")
-        if not 0.0 < self.temperature:
+            raise ValueError(
+                "model.encoder='bert' sees the whole sequence: set model.objective='masked_item'"
+            )
+        if not self.temperature > 0.0:
             raise ValueError(f"model.temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.mask_prob < 1.0:
             raise ValueError(f"model.mask_prob must be in [0, 1), got {self.mask_prob}")

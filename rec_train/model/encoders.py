@@ -82,7 +82,9 @@ class LlamaEncoder(nn.Module):
         self.norm = LlamaRMSNorm(lc.hidden_size, eps=lc.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(lc)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         allowed = attention_allowed(attention_mask, causal=True)
         rotary = self.rotary_emb(x, position_ids)  # (cos, sin) each [B, L, head_dim]
         for layer in self.layers:
@@ -103,7 +105,9 @@ class BertEncoder(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList([BertLayer(bc, layer_idx=i) for i in range(config.num_hidden_layers)])
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         allowed = attention_allowed(attention_mask, causal=False)
         x = self.dropout(self.norm(x + self.position_embeddings(position_ids)))
         for layer in self.layers:
@@ -129,7 +133,9 @@ class SelfAttention(nn.Module):
         q = self.q_proj(x).view(shape).transpose(1, 2)  # [B, H, L, hd]
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.o_proj(out.transpose(1, 2).reshape(b, length, width))  # [B, L, D]
 
 
@@ -165,7 +171,9 @@ class SASRecEncoder(nn.Module):
         self.layers = nn.ModuleList([SASRecBlock(config) for _ in range(config.num_hidden_layers)])
         self.norm = nn.LayerNorm(width, eps=config.norm_eps)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         allowed = attention_allowed(attention_mask, causal=True)
         x = self.dropout(x + self.position_embeddings(position_ids))
         for layer in self.layers:
@@ -178,7 +186,9 @@ def relative_buckets(position_ids: torch.Tensor, num_buckets: int, max_distance:
     distance = (position_ids[:, :, None] - position_ids[:, None, :]).clamp(min=0)  # [B, L, L]
     exact = max(1, num_buckets // 2)
     span = math.log(max(max_distance / exact, 2.0))
-    log_bucket = exact + (torch.log(distance.clamp(min=exact).float() / exact) / span * (num_buckets - exact)).long()
+    log_bucket = (
+        exact + (torch.log(distance.clamp(min=exact).float() / exact) / span * (num_buckets - exact)).long()
+    )
     return torch.where(distance < exact, distance, log_bucket.clamp(max=num_buckets - 1))
 
 
@@ -223,7 +233,9 @@ class HSTUEncoder(nn.Module):
         self.layers = nn.ModuleList([HSTUBlock(config) for _ in range(config.num_hidden_layers)])
         self.norm = nn.LayerNorm(config.backbone_width, eps=config.norm_eps)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         allowed = attention_allowed(attention_mask, causal=True)
         buckets = relative_buckets(position_ids, self.num_buckets, self.max_distance)
         x = self.dropout(x)

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from rec_train.model.configuration import RecConfig
@@ -39,7 +38,9 @@ class ItemEncoder(nn.Module):
         self.id_embeddings = nn.Embedding(rows, width, padding_idx=0) if config.uses_ids else None
         self.text_proj = nn.Linear(config.text_dim, width) if config.uses_text else None
         self.fuse = (
-            nn.Linear(2 * width, width) if config.uses_ids and config.uses_text and config.fusion != "sum" else None
+            nn.Linear(2 * width, width)
+            if config.uses_ids and config.uses_text and config.fusion != "sum"
+            else None
         )
         if config.uses_text:
             # [num_items + 1, text_dim], row 0 zeros: data, not trained, saved with the model.
@@ -68,8 +69,12 @@ class ItemEncoder(nn.Module):
 
     def table(self) -> torch.Tensor:
         """All items, [num_items + 1, d] (row 0 is padding). Goes through the submodules' forward."""
-        rows = self.text_embeddings.shape[0] if self.id_embeddings is None else self.id_embeddings.num_embeddings
-        device = self.text_embeddings.device if self.id_embeddings is None else self.id_embeddings.weight.device
+        rows = (
+            self.text_embeddings.shape[0] if self.id_embeddings is None else self.id_embeddings.num_embeddings
+        )
+        device = (
+            self.text_embeddings.device if self.id_embeddings is None else self.id_embeddings.weight.device
+        )
         return self(torch.arange(rows, device=device))
 
 
@@ -93,12 +98,6 @@ class RecPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     _supports_sdpa = True
 
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, RecModel) and module.mask_embedding is not None:
-            init.normal_(module.mask_embedding, mean=0.0, std=self.config.initializer_range)
-
 
 class RecModel(RecPreTrainedModel):
     """Sequential recommender (see `RecConfig`); `forward` computes losses, the rest scores users."""
@@ -111,7 +110,9 @@ class RecModel(RecPreTrainedModel):
         self.in_proj = nn.Linear(width, backbone) if backbone != width else None
         self.encoder = build_encoder(config)
         self.out_proj = nn.Linear(backbone, width) if backbone != width else None
-        self.mask_embedding = nn.Parameter(torch.zeros(width)) if config.objective == "masked_item" else None
+        # The [mask] vector of the masked-item objective; a module (not a bare Parameter) so that
+        # ZeRO-3 gathers it whenever it is used, inside forward or not.
+        self.mask_embedding = nn.Embedding(1, width) if config.objective == "masked_item" else None
         self.pointwise = PointwiseHead(width) if config.pointwise_head else None
         # Events per item (popularity negatives, logQ correction); set with `set_item_counts`.
         self.register_buffer("item_counts", torch.zeros(config.num_items + 1))
@@ -147,14 +148,17 @@ class RecModel(RecPreTrainedModel):
         x = self.items(input_ids)  # [B, L, d]
         if self.mask_embedding is not None:
             b = x.shape[0]
-            x = torch.cat([x, self.mask_embedding.expand(b, 1, -1)], dim=1)  # [B, L + 1, d]
+            mask_vec = self.mask_embedding(input_ids.new_zeros(b, 1))  # [B, 1, d]
+            x = torch.cat([x, mask_vec], dim=1)  # [B, L + 1, d]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)
         return self._encode(x, attention_mask)[:, -1]
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) if self.config.l2_normalize else x
 
-    def encode_users(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_users(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Left-padded histories [B, L] -> user vectors [B, d] (L2-normalised when the config says so)."""
         return self._normalise(self._user_vectors(input_ids, attention_mask))
 
@@ -200,7 +204,7 @@ class RecModel(RecPreTrainedModel):
             chosen = (torch.rand(sequence.shape, device=sequence.device) < self.config.mask_prob) & real
         chosen[:, -1] = real[:, -1]  # always predict the newest item, as at inference
         x = self.items(sequence)  # [B, L, d]
-        x = torch.where(chosen[..., None], self.mask_embedding.to(x.dtype), x)
+        x = torch.where(chosen[..., None], self.mask_embedding(torch.zeros_like(sequence)), x)
         hidden = self._encode(x, real.long())
         return RecOutput(loss=self._item_loss(hidden[chosen], sequence[chosen]), hidden_states=hidden)
 
@@ -212,7 +216,9 @@ class RecModel(RecPreTrainedModel):
         targets: torch.Tensor | None,
     ) -> RecOutput:
         if self.pointwise is None:
-            raise ValueError("this model has no pointwise head: set model.pointwise_head to 'rating' or 'click'")
+            raise ValueError(
+                "this model has no pointwise head: set model.pointwise_head to 'rating' or 'click'"
+            )
         users = self._user_vectors(input_ids, attention_mask)  # [B, d]
         logits = self.pointwise(users, self.items(candidates))  # [B]
         loss = None
@@ -229,18 +235,24 @@ class RecModel(RecPreTrainedModel):
             return hidden.sum() * 0.0
         cfg = self.config
         hidden = self._normalise(hidden)
+        if cfg.temperature != 1.0:
+            hidden = hidden / cfg.temperature  # cheaper than dividing the [M, items] logits
         if cfg.loss == "full_softmax":
-            logits = hidden @ self.item_embeddings().T / cfg.temperature  # [M, N + 1]
+            logits = hidden @ self.item_embeddings().T  # [M, N + 1]
             logits[:, 0] = float("-inf")  # padding is never a target
             return F.cross_entropy(logits, targets)
         negatives = self._sample_negatives(targets)  # [K]
         pos = self._normalise(self.items(targets))  # [M, d]
         neg = self._normalise(self.items(negatives))  # [K, d]
-        logits = torch.cat([(hidden * pos).sum(-1, keepdim=True), hidden @ neg.T], dim=1) / cfg.temperature
+        logits = torch.cat([(hidden * pos).sum(-1, keepdim=True), hidden @ neg.T], dim=1)  # [M, 1 + K]
         if cfg.logq_correction and cfg.negative_sampler != "uniform":
             log_q = self._log_sampling_prob(targets)
-            logits = logits - torch.cat([log_q[targets][:, None], log_q[negatives][None, :].expand(len(targets), -1)], 1)
-        hits = torch.cat([torch.zeros_like(targets[:, None], dtype=torch.bool), negatives[None, :] == targets[:, None]], 1)
+            logits = logits - torch.cat(
+                [log_q[targets][:, None], log_q[negatives][None, :].expand(len(targets), -1)], 1
+            )
+        hits = torch.cat(
+            [torch.zeros_like(targets[:, None], dtype=torch.bool), negatives[None, :] == targets[:, None]], 1
+        )
         logits = logits.masked_fill(hits, float("-inf"))  # [M, 1 + K]; a sampled positive is not a negative
         return F.cross_entropy(logits, torch.zeros_like(targets))
 
@@ -291,7 +303,9 @@ class RecModel(RecPreTrainedModel):
         if exclude is not None:
             if not torch.is_tensor(exclude):
                 width = max((len(row) for row in exclude), default=0)
-                exclude = torch.tensor([list(row) + [0] * (width - len(row)) for row in exclude], dtype=torch.long)
+                exclude = torch.tensor(
+                    [list(row) + [0] * (width - len(row)) for row in exclude], dtype=torch.long
+                )
             if exclude.numel():
                 scores.scatter_(1, exclude.to(scores.device).long(), float("-inf"))
         top = scores.topk(min(k, self.config.num_items), dim=-1)
@@ -316,7 +330,8 @@ class RecModel(RecPreTrainedModel):
         similarity = recommended @ history.transpose(1, 2)  # [B, k, L]
         length = input_ids.shape[1]
         later = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).triu(1)  # [L, L] j > i
-        repeated = ((input_ids[:, :, None] == input_ids[:, None, :]) & later).any(-1)  # [B, L]: seen again later
+        same = input_ids[:, :, None] == input_ids[:, None, :]  # [B, L, L]
+        repeated = (same & later).any(-1)  # [B, L]: the item appears again later in the history
         usable = attention_mask.bool() & ~repeated & (input_ids != 0)
         similarity = similarity.masked_fill(~usable[:, None, :], float("-inf"))
         best = similarity.topk(min(n, length), dim=-1)
@@ -346,7 +361,9 @@ class RecModel(RecPreTrainedModel):
     def set_item_counts(self, counts: torch.Tensor) -> None:
         """Events per item index, [num_items + 1] (index 0 ignored)."""
         if counts.shape != self.item_counts.shape:
-            raise ValueError(f"item counts have shape {tuple(counts.shape)}, expected {tuple(self.item_counts.shape)}")
+            raise ValueError(
+                f"item counts have shape {tuple(counts.shape)}, expected {tuple(self.item_counts.shape)}"
+            )
         self.item_counts.copy_(counts)
 
     @torch.no_grad()
@@ -367,7 +384,9 @@ class RecModel(RecPreTrainedModel):
                 raise ValueError(f"resize_items needs text_embeddings of shape {expected} for a text model")
             if text_embeddings is not None:
                 if tuple(text_embeddings.shape) != expected:
-                    raise ValueError(f"text_embeddings have shape {tuple(text_embeddings.shape)}, expected {expected}")
+                    raise ValueError(
+                        f"text_embeddings have shape {tuple(text_embeddings.shape)}, expected {expected}"
+                    )
                 table = text_embeddings.to(items.text_embeddings).clone()
                 table[: old + 1] = items.text_embeddings
                 items.text_embeddings = table

@@ -10,12 +10,25 @@ FREEZE_POLICIES = ("none", "embeddings", "backbone", "all_but_top_n")
 
 # Attention and MLP projections inside `encoder.layers.*`, per encoder.
 LORA_PROJECTIONS: dict[str, tuple[str, ...]] = {
-    "llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    "llama": (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ),
     "sasrec": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "up_proj", "down_proj"),
     "hstu": ("uvqk_proj", "o_proj"),
-    "bert": ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-             "intermediate.dense", "output.dense"),
+    "bert": (
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ),
 }
 
 

@@ -28,7 +28,9 @@ def _local(path_or_uri: str, tmp: str) -> str:
     if loc.is_s3:
         return str(storage.local_copy(loc, tmp))
     if not Path(loc.path).is_dir():
-        raise ConfigError(f"backbone checkpoint {path_or_uri!r} is not a folder (give a local path or s3:// URI)")
+        raise ConfigError(
+            f"backbone checkpoint {path_or_uri!r} is not a folder (give a local path or s3:// URI)"
+        )
     return loc.path
 
 

@@ -19,26 +19,65 @@ from rec_train.model.configuration import RecConfig
 SIZES: dict[str, dict[str, Any]] = {
     # unit tests: seconds on a laptop CPU, deterministic (no dropout)
     "tiny": dict(
-        num_items=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_seq_len=20, embedding_dropout=0.0, hidden_dropout=0.0, attention_dropout=0.0,
+        num_items=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_seq_len=20,
+        embedding_dropout=0.0,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
     ),
     # the MovieLens-1M benchmark: 2 blocks of width 64 over 200 items, full softmax over 3,706 items
     "ml-1m": dict(
-        num_items=3706, hidden_size=64, encoder="sasrec", num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=256, hidden_act="gelu", max_seq_len=200, embedding_dropout=0.2, hidden_dropout=0.2,
-        attention_dropout=0.2, norm_eps=1e-8, loss="full_softmax",
+        num_items=3706,
+        hidden_size=64,
+        encoder="sasrec",
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        hidden_act="gelu",
+        max_seq_len=200,
+        embedding_dropout=0.2,
+        hidden_dropout=0.2,
+        attention_dropout=0.2,
+        norm_eps=1e-8,
+        loss="full_softmax",
     ),
     # one GPU node: a million items, a 512-wide Llama backbone, sampled softmax
     "base": dict(
-        num_items=1_000_000, hidden_size=128, backbone_hidden_size=512, encoder="llama", num_hidden_layers=8,
-        num_attention_heads=8, intermediate_size=1408, max_seq_len=256, loss="sampled_softmax",
-        negative_sampler="in_batch", num_negatives=512, l2_normalize=True, temperature=0.05, logq_correction=True,
+        num_items=1_000_000,
+        hidden_size=128,
+        backbone_hidden_size=512,
+        encoder="llama",
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        intermediate_size=1408,
+        max_seq_len=256,
+        loss="sampled_softmax",
+        negative_sampler="in_batch",
+        num_negatives=512,
+        l2_normalize=True,
+        temperature=0.05,
+        logq_correction=True,
     ),
     # a cluster with ZeRO-3: ten million items and a 24-block, 1024-wide backbone (~3.0e9 parameters)
     "large": dict(
-        num_items=10_000_000, hidden_size=256, backbone_hidden_size=1024, encoder="llama", num_hidden_layers=24,
-        num_attention_heads=16, intermediate_size=2816, max_seq_len=512, loss="sampled_softmax",
-        negative_sampler="in_batch", num_negatives=1024, l2_normalize=True, temperature=0.05, logq_correction=True,
+        num_items=10_000_000,
+        hidden_size=256,
+        backbone_hidden_size=1024,
+        encoder="llama",
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=2816,
+        max_seq_len=512,
+        loss="sampled_softmax",
+        negative_sampler="in_batch",
+        num_negatives=1024,
+        l2_normalize=True,
+        temperature=0.05,
+        logq_correction=True,
     ),
 }
 
@@ -75,13 +114,17 @@ def count_parameters(config: RecConfig) -> dict[str, int]:
     counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
     counts["total"] = sum(p.numel() for p in model.parameters())
     counts["other"] = counts["total"] - counts["items"] - counts["encoder"]
-    counts["item_table"] = model.items.id_embeddings.weight.numel() if model.items.id_embeddings is not None else 0
+    counts["item_table"] = (
+        model.items.id_embeddings.weight.numel() if model.items.id_embeddings is not None else 0
+    )
     return counts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES), help="named model size")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. num_items=5000")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. num_items=5000"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,6 +134,14 @@ def run(args: argparse.Namespace) -> int:
         overrides[".".join(path)] = value
     config = build_config(args.size, **overrides)
     counts = count_parameters(config)
-    print(json.dumps({"size": args.size, "num_items": config.num_items, "parameters": counts["total"], **{
-        f"{k}_parameters": v for k, v in counts.items() if k != "total"}}))
+    print(
+        json.dumps(
+            {
+                "size": args.size,
+                "num_items": config.num_items,
+                "parameters": counts["total"],
+                **{f"{k}_parameters": v for k, v in counts.items() if k != "total"},
+            }
+        )
+    )
     return 0

@@ -90,7 +90,9 @@ class TextEncoder:
     def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = True) -> torch.Tensor:
         """[len(texts), dim] float32 on the CPU."""
         out = []
-        for start in tqdm(range(0, len(texts), batch_size), desc="embedding items", unit="batch", disable=not progress):
+        for start in tqdm(
+            range(0, len(texts), batch_size), desc="embedding items", unit="batch", disable=not progress
+        ):
             batch = self.tokenizer(
                 list(texts[start : start + batch_size]),
                 padding=True,
@@ -127,9 +129,18 @@ def read_item_text_embeddings(dataset_uri: str) -> tuple[torch.Tensor, dict[str,
     return tensors["embeddings"], _safetensors_metadata(data)
 
 
+def attach_item_text_embeddings(model: torch.nn.Module, dataset_uri: str) -> dict[str, str]:
+    """Copy a prepared dataset's item text embeddings into a text model's frozen buffer; returns metadata."""
+    embeddings, metadata = read_item_text_embeddings(dataset_uri)
+    model.set_item_text_embeddings(embeddings)
+    return metadata
+
+
 def write_item_text_embeddings(dataset_uri: str, embeddings: torch.Tensor, metadata: dict[str, str]) -> str:
     loc = storage.resolve(dataset_uri).join(EMBEDDINGS_FILE)
-    storage.write_bytes(loc, save_safetensors({"embeddings": embeddings.float().contiguous()}, metadata=metadata))
+    storage.write_bytes(
+        loc, save_safetensors({"embeddings": embeddings.float().contiguous()}, metadata=metadata)
+    )
     return loc.uri
 
 
@@ -139,12 +150,16 @@ def read_item_texts(dataset_uri: str) -> tuple[list[str], int]:
 
     root = storage.resolve(dataset_uri)
     if not storage.exists(root.join("manifest.json")):
-        raise DataError(f"{root.uri} has no manifest.json: it is not a prepared dataset (run `rec-train prepare`)")
+        raise DataError(
+            f"{root.uri} has no manifest.json: it is not a prepared dataset (run `rec-train prepare`)"
+        )
     items_loc = root.join("items.parquet")
     table = pq.read_table(io.BytesIO(storage.read_bytes(items_loc)))
     missing = [c for c in ("item_index", "text") if c not in table.column_names]
     if missing:
-        raise DataError(f"{items_loc.uri}: missing column(s) {', '.join(missing)} (found {', '.join(table.column_names)})")
+        raise DataError(
+            f"{items_loc.uri}: missing column(s) {', '.join(missing)} (found {', '.join(table.column_names)})"
+        )
     index = table.column("item_index").to_pylist()
     num_items = len(index)
     if sorted(index) != list(range(1, num_items + 1)):
@@ -175,7 +190,12 @@ def embed_items(
     empty = [i + 1 for i, t in enumerate(texts) if not t]
     if empty:
         table[empty] = 0.0  # no text: no text signal rather than the embedding of ""
-    metadata = {"model": model, "pooling": pooling, "dim": str(encoder.dim), "normalize": str(normalize).lower()}
+    metadata = {
+        "model": model,
+        "pooling": pooling,
+        "dim": str(encoder.dim),
+        "normalize": str(normalize).lower(),
+    }
     uri = write_item_text_embeddings(dataset_uri, table, metadata)
     return {
         "output": uri,
@@ -191,10 +211,14 @@ def embed_items(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="prepared dataset folder or s3:// URI")
     parser.add_argument(
-        "--model", default="minilm", help="Hugging Face encoder: 'minilm' (default), a local folder or s3:// URI"
+        "--model",
+        default="minilm",
+        help="Hugging Face encoder: 'minilm' (default), a local folder or s3:// URI",
     )
     parser.add_argument("--pooling", default="mean", choices=POOLINGS)
-    parser.add_argument("--no-normalize", action="store_true", help="keep raw pooled vectors (default: L2-normalised)")
+    parser.add_argument(
+        "--no-normalize", action="store_true", help="keep raw pooled vectors (default: L2-normalised)"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=128, help="tokens kept per item text")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -93,12 +93,11 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
     run_uri = runs.join(name).uri
     env = aws_env()
     if not ray.is_initialized():
-        runtime_env = {"env_vars": env} if env else None
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(runtime_env=runtime_env)
+        if os.environ.get("RAY_ADDRESS"):  # a cluster or a Ray job: its runtime_env carries the AWS variables
+            ray.init()
         else:  # a local Ray: room for the workers plus Ray Data's read tasks
             needed = math.ceil(workers * config.scaling.cpus_per_worker) + 1
-            ray.init(num_cpus=max(os.cpu_count() or 1, needed), runtime_env=runtime_env)
+            ray.init(num_cpus=max(os.cpu_count() or 1, needed), runtime_env={"env_vars": env} if env else None)
 
     include_valid = config.data.include_valid
     train = ray_dataset(config.data.path, columns=TRAIN_COLUMNS).map_batches(

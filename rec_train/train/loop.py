@@ -138,8 +138,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     if resumed is not None:
         with resumed.as_directory() as d:
             state = ckpt.restore(engine, Path(d), rank)
-        if rank == 0:
-            append_metrics(run_uri, [{"event": "resumed", "epoch": state.epoch, "step": state.step}], state.epoch)
+    if rank == 0:  # records of epochs after the checkpoint (or of an attempt without one) are dropped
+        event = {"event": "resumed" if resumed is not None else "started", "epoch": state.epoch, "step": state.step}
+        append_metrics(run_uri, [event], keep_through_epoch=state.epoch)
 
     max_seq_len = model_config.max_seq_len
     evaluate = Evaluator(engine, config, max_seq_len, device)

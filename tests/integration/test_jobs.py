@@ -7,6 +7,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -151,13 +152,17 @@ def test_submit_prepare_and_pretrain_as_a_ray_job(ray_head: Head, tmp_path: Path
     )  # fmt: skip
     assert synth.returncode == 0, synth.stderr
     job_id = f"rayrec-{uuid.uuid4().hex[:8]}"
-    entrypoint = [
+    prepare = [
         "rec-train", "prepare", "--config", "configs/data/synthetic.yaml", "--events", str(raw / "events.parquet"),
         "--items", str(raw / "items.parquet"), "--output", str(dataset),
-        "&&", "rec-train", "pretrain", "--config", "configs/pretrain/synthetic.yaml", "--no-progress",
-        f"data.path={dataset}", f"run.storage={runs}", "run.name=job", "train.epochs=2",
+    ]  # fmt: skip
+    pretrain = [
+        "rec-train", "pretrain", "--config", "configs/pretrain/synthetic.yaml", "--no-progress",
+        f"data.path={dataset}", f"run.storage={runs}", "run.name=job", "train.epochs=1",
         "checkpoint.every_epochs=1", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
     ]  # fmt: skip
+    # `ray job submit -- ARGS` quotes each argument, so a chain of commands goes in one `bash -c`.
+    entrypoint = ["bash", "-c", f"{shlex.join(prepare)} && {shlex.join(pretrain)}"]
     submit = ray_head.ray(
         "job", "submit", "--address", ray_head.address, "--submission-id", job_id, "--no-wait",
         "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}),
@@ -165,7 +170,7 @@ def test_submit_prepare_and_pretrain_as_a_ray_job(ray_head: Head, tmp_path: Path
     )  # fmt: skip
     assert submit.returncode == 0, submit.stdout + submit.stderr
 
-    status = wait_for_job(ray_head, job_id, timeout=900)
+    status = wait_for_job(ray_head, job_id, timeout=1500)
     logs = ray_head.ray("job", "logs", job_id, "--address", ray_head.address)
     assert logs.returncode == 0, logs.stderr
     assert status == "SUCCEEDED", logs.stdout[-5000:]
@@ -177,4 +182,4 @@ def test_submit_prepare_and_pretrain_as_a_ray_job(ray_head: Head, tmp_path: Path
     assert prepared["users"] == json.loads((dataset / "manifest.json").read_text())["counts"]["users"] > 0
     trained = next(json.loads(line) for line in lines if line.startswith('{"run"'))
     assert Path(trained["run"]) == runs / "job"
-    assert trained["epoch"] == 2 and Path(trained["checkpoint"]).is_dir()
+    assert trained["epoch"] == 1 and Path(trained["checkpoint"]).is_dir()

@@ -169,6 +169,7 @@ def test_kuberay_clusters_pin_ray_and_rayrec_and_use_token_auth() -> None:
     base = re.search(r"^FROM (\S+)", dockerfile, re.MULTILINE)
     assert base and (m := RAY_IMAGE.match(base[1])) and m["version"] == ray.__version__
     image_tag = importlib.metadata.version("rayrec")
+    assert {name.rsplit(":", 1)[1] for name, _ in ray_cluster_specs()} == RAY_KINDS
     for name, spec in ray_cluster_specs():
         assert spec["rayVersion"] == ray.__version__, name
         assert spec["authOptions"]["mode"] == "token", name
@@ -182,15 +183,32 @@ def test_kuberay_clusters_pin_ray_and_rayrec_and_use_token_auth() -> None:
                 assert container["image"].endswith(f"/rayrec:{image_tag}"), (name, container["image"])
 
 
+SHELL_OPERATORS = {"&&", "||", ";", "|", "&"}
+
+
 def entrypoint_commands(entrypoint: str) -> list[list[str]]:
-    return [shlex.split(part) for part in entrypoint.split("&&")]
+    """The commands of an entrypoint: one command, or `bash -c "a && b"` (a chain kept in one
+    string: KubeRay pastes the entrypoint into its submitter's shell line, where a bare `&&`
+    would run the rest of the chain in the submitter pod)."""
+    argv = shlex.split(entrypoint)
+    assert not SHELL_OPERATORS & set(argv), f"chain commands inside bash -c '...': {entrypoint}"
+    if argv[:2] == ["bash", "-c"] and len(argv) == 3:
+        return [shlex.split(part) for part in argv[2].split("&&")]
+    return [argv]
 
 
-def test_entrypoint_parser_splits_chained_commands() -> None:
-    assert entrypoint_commands("rec-train prepare --x a && rec-train pretrain --config 'b c.yaml'") == [
+def test_entrypoint_parser_reads_chains_inside_bash_c_only() -> None:
+    assert entrypoint_commands(
+        "bash -c \"rec-train prepare --x a && rec-train pretrain --config 'b c.yaml'\""
+    ) == [
         ["rec-train", "prepare", "--x", "a"],
         ["rec-train", "pretrain", "--config", "b c.yaml"],
     ]
+    assert entrypoint_commands("rec-train export --checkpoint c --output m") == [
+        ["rec-train", "export", "--checkpoint", "c", "--output", "m"]
+    ]
+    with pytest.raises(AssertionError, match="bash -c"):
+        entrypoint_commands("rec-train prepare --x a && rec-train pretrain")
 
 
 def rayjob_entrypoints() -> list[tuple[str, list[str]]]:

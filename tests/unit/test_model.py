@@ -86,7 +86,10 @@ def test_padding_does_not_change_outputs(encoder: str) -> None:
     # inside a batch with a longer user, the short user's vector is the same as alone
     batch_ids, batch_mask = pad_left([history, [1, 2, 3, 4, 5, 6, 8, 10]], 20)
     torch.testing.assert_close(
-        model.encode_users(batch_ids, batch_mask)[:1], model.encode_users(short_ids, short_mask), atol=1e-5, rtol=0
+        model.encode_users(batch_ids, batch_mask)[:1],
+        model.encode_users(short_ids, short_mask),
+        atol=1e-5,
+        rtol=0,
     )
 
 
@@ -106,7 +109,11 @@ LOSSES = {
     "full_softmax": dict(loss="full_softmax"),
     "sampled_in_batch": dict(loss="sampled_softmax", negative_sampler="in_batch", num_negatives=32),
     "sampled_uniform_l2": dict(
-        loss="sampled_softmax", negative_sampler="uniform", num_negatives=16, l2_normalize=True, temperature=0.1
+        loss="sampled_softmax",
+        negative_sampler="uniform",
+        num_negatives=16,
+        l2_normalize=True,
+        temperature=0.1,
     ),
     "sampled_popularity_logq": dict(
         loss="sampled_softmax", negative_sampler="popularity", num_negatives=16, logq_correction=True
@@ -150,7 +157,9 @@ def test_pointwise_heads_learn(head: str) -> None:
     # the target depends on the candidate: even items are liked
     liked = (candidates % 2 == 0).float()
     targets = 1.0 + 4.0 * liked if head == "rating" else liked
-    first, last = train(model, lambda: model(histories, candidates=candidates, targets=targets).loss, steps=60)
+    first, last = train(
+        model, lambda: model(histories, candidates=candidates, targets=targets).loss, steps=60
+    )
     assert last < 0.5 * first, (first, last)
     logits = model(histories, candidates=candidates).pointwise_logits
     assert logits.shape == (64,)
@@ -232,7 +241,9 @@ def test_cold_start_item_is_scored_from_its_text() -> None:
     input_ids, mask, labels = next_item_batch(seqs, 20)
     train(model, lambda: model(input_ids, mask, labels=labels).loss, steps=60)
     # two new items nobody has seen: one with group A text, one with group B text
-    grown = torch.cat([text, text[1:2] + 0.05 * torch.randn(1, dim), text[11:12] + 0.05 * torch.randn(1, dim)])
+    grown = torch.cat(
+        [text, text[1:2] + 0.05 * torch.randn(1, dim), text[11:12] + 0.05 * torch.randn(1, dim)]
+    )
     model.resize_items(22, text_embeddings=grown)
     user_a, mask_a = pad_left([[1, 2, 3, 4, 5]], 20)
     user_b, mask_b = pad_left([[11, 12, 13, 14, 15]], 20)
@@ -244,8 +255,12 @@ def test_cold_start_item_is_scored_from_its_text() -> None:
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(), dict(item_representation="id+text", fusion="sum", text_dim=4),
-     dict(item_representation="id+text", fusion="gate", text_dim=4), dict(item_representation="text", text_dim=4)],
+    [
+        dict(),
+        dict(item_representation="id+text", fusion="sum", text_dim=4),
+        dict(item_representation="id+text", fusion="gate", text_dim=4),
+        dict(item_representation="text", text_dim=4),
+    ],
 )
 def test_resize_items_keeps_old_rows(overrides: dict) -> None:
     model = make(num_items=10, **overrides)
@@ -280,3 +295,18 @@ def test_config_errors_name_the_key() -> None:
         build_config("tiny", item_representation="text")
     with pytest.raises(ConfigError, match="unknown model size"):
         build_config("huge")
+
+
+def test_model_package_imports_neither_ray_nor_deepspeed() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, rec_train.model, rec_train.model.text, rec_train.model.pretrained, "
+        "rec_train.model.peft_utils\n"
+        "m = rec_train.model.RecModel(rec_train.model.build_config('tiny')).eval()\n"
+        "m.score(torch.tensor([[1, 2]]), k=3)\n"
+        "print(sorted(n for n in ('ray', 'deepspeed') if n in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

@@ -19,7 +19,12 @@ LLAMA_BLOCK = [
     "self_attn.q_proj.weight",
     "self_attn.v_proj.weight",
 ]
-HEAD = ["pointwise.dense.bias", "pointwise.dense.weight", "pointwise.out_proj.bias", "pointwise.out_proj.weight"]
+HEAD = [
+    "pointwise.dense.bias",
+    "pointwise.dense.weight",
+    "pointwise.out_proj.bias",
+    "pointwise.out_proj.weight",
+]
 
 
 def block(i: int) -> list[str]:
@@ -39,7 +44,9 @@ def test_freeze_policies(model: RecModel) -> None:
         block(0) + block(1) + block(2) + ["encoder.norm.weight"] + HEAD
     )
     assert apply_freeze_policy(model, "backbone") == sorted(["items.id_embeddings.weight"] + HEAD)
-    assert apply_freeze_policy(model, "all_but_top_n", top_n=1) == sorted(block(2) + ["encoder.norm.weight"] + HEAD)
+    assert apply_freeze_policy(model, "all_but_top_n", top_n=1) == sorted(
+        block(2) + ["encoder.norm.weight"] + HEAD
+    )
     assert apply_freeze_policy(model, "all_but_top_n", top_n=2) == sorted(
         block(1) + block(2) + ["encoder.norm.weight"] + HEAD
     )
@@ -66,13 +73,24 @@ def test_frozen_parameters_do_not_move(model: RecModel) -> None:
 
 def test_lora_on_attention_and_mlp(model: RecModel) -> None:
     peft_model = apply_lora(model, r=2, alpha=4)
-    projections = ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
-                   "self_attn.q_proj", "self_attn.v_proj"]
+    projections = [
+        "mlp.down_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "self_attn.k_proj",
+        "self_attn.o_proj",
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+    ]
     expected = [
         f"base_model.model.encoder.layers.{i}.{proj}.lora_{ab}.default.weight"
-        for i in range(3) for proj in projections for ab in "AB"
+        for i in range(3)
+        for proj in projections
+        for ab in "AB"
     ]
-    head = [f"base_model.model.pointwise.modules_to_save.default.{name[len('pointwise.'):]}" for name in HEAD]
+    head = [
+        f"base_model.model.pointwise.modules_to_save.default.{name[len('pointwise.') :]}" for name in HEAD
+    ]
     assert trainable_parameter_names(peft_model) == sorted(expected + head)
     # the adapted model still runs both paths, and merges back into a plain RecModel
     history = torch.tensor([[1, 2, 3]])
@@ -89,11 +107,25 @@ def test_lora_on_attention_and_mlp(model: RecModel) -> None:
     [
         ("sasrec", {}, ["attn.k_proj", "attn.o_proj", "attn.q_proj", "attn.v_proj", "down_proj", "up_proj"]),
         ("hstu", {}, ["o_proj", "uvqk_proj"]),
-        ("bert", {"objective": "masked_item"}, ["attention.output.dense", "attention.self.key", "attention.self.query",
-                                                "attention.self.value", "intermediate.dense", "output.dense"]),
+        (
+            "bert",
+            {"objective": "masked_item"},
+            [
+                "attention.output.dense",
+                "attention.self.key",
+                "attention.self.query",
+                "attention.self.value",
+                "intermediate.dense",
+                "output.dense",
+            ],
+        ),
     ],
 )
 def test_lora_targets_per_encoder(encoder: str, extra: dict, adapted: list[str]) -> None:
-    peft_model = apply_lora(RecModel(build_config("tiny", encoder=encoder, num_hidden_layers=1, **extra)), r=2)
-    expected = [f"base_model.model.encoder.layers.0.{m}.lora_{ab}.default.weight" for m in adapted for ab in "AB"]
+    peft_model = apply_lora(
+        RecModel(build_config("tiny", encoder=encoder, num_hidden_layers=1, **extra)), r=2
+    )
+    expected = [
+        f"base_model.model.encoder.layers.0.{m}.lora_{ab}.default.weight" for m in adapted for ab in "AB"
+    ]
     assert trainable_parameter_names(peft_model) == sorted(expected)

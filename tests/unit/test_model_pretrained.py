@@ -16,8 +16,15 @@ from rec_train.model.pretrained import config_from_backbone, load_backbone
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     folder = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
@@ -39,16 +46,28 @@ def test_llama_backbone_with_projection(tiny_llama: Path) -> None:
 
 def test_bert_backbone(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(tmp_path)
+    BertModel(
+        BertConfig(
+            vocab_size=20,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(tmp_path)
     config = config_from_backbone(str(tmp_path), size="tiny")
     assert (config.encoder, config.objective) == ("bert", "masked_item")
     model = RecModel(config)
     load_backbone(model, str(tmp_path))
     source = BertModel.from_pretrained(tmp_path)
-    assert torch.equal(model.encoder.position_embeddings.weight, source.embeddings.position_embeddings.weight[:21])
-    assert torch.equal(model.encoder.layers[0].attention.self.query.weight,
-                       source.encoder.layer[0].attention.self.query.weight)
+    assert torch.equal(
+        model.encoder.position_embeddings.weight, source.embeddings.position_embeddings.weight[:21]
+    )
+    assert torch.equal(
+        model.encoder.layers[0].attention.self.query.weight,
+        source.encoder.layer[0].attention.self.query.weight,
+    )
 
 
 def test_mismatched_backbone_is_an_error(tiny_llama: Path) -> None:

@@ -1,0 +1,171 @@
+"""Training throughput and memory: a plain PyTorch loop against rayrec on Ray Train + DeepSpeed.
+
+    python benchmarks/train_throughput.py [--users 6040] [--epochs 2] [--memory-items 400000]
+
+Throughput: sequences per second of the MovieLens-1M model config (`--size ml-1m`) on sequences shaped
+like MovieLens-1M (6,040 users, 3,706 items, up to 200 items each; `--data` takes a prepared dataset
+instead), under (a) a single-process PyTorch loop of the same model, batches and optimizer (no Ray, no
+DeepSpeed), and rayrec with (b) 1 worker ZeRO-0, (c) 2 workers ZeRO-2, (d) 2 workers ZeRO-3. The figure
+is the last epoch's (the first pays for start-up); evaluation is not timed.
+
+Memory: peak memory per worker (resident memory on CPUs, allocated memory on GPUs) of 2 workers
+under ZeRO 0, 1, 2 and 3 for a model with a large item table (`--memory-items` rows of width 128),
+where parameters, gradients and AdamW states dominate. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from rec_train.config import load_config
+from rec_train.data.dataset import read_items, read_sequences
+from rec_train.model import RecModel, build_config, count_parameters
+from rec_train.train.batches import trainable_rows, training_batch
+from rec_train.train.config import TrainConfig
+from rec_train.train.optim import build_optimizer
+
+SEQ_SCHEMA = pa.schema(
+    [
+        ("user_index", pa.int32()), ("user_id", pa.string()), ("items", pa.list_(pa.int32())),
+        ("timestamps", pa.list_(pa.int64())), ("train_items", pa.list_(pa.int32())),
+        ("valid_item", pa.int32()), ("test_item", pa.int32()),
+    ]
+)  # fmt: skip
+
+
+def synthetic_dataset(out: Path, users: int, items: int, max_len: int, seed: int = 0) -> str:
+    """A prepared dataset (docs/formats.md) with MovieLens-1M-like lengths (20..max_len, long-tailed)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(4.4, 0.9, users).astype(int), 20, max_len)
+    popularity = 1.0 / np.arange(1, items + 1) ** 0.8
+    popularity /= popularity.sum()
+    rows = []
+    for u, n in enumerate(lengths):
+        seq = (rng.choice(items, size=n, p=popularity) + 1).astype(np.int32).tolist()
+        rows.append(
+            {"user_index": u, "user_id": str(u), "items": seq, "timestamps": list(range(n)),
+             "train_items": seq[:-2], "valid_item": seq[-2], "test_item": seq[-1]}
+        )  # fmt: skip
+    (out / "sequences").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SEQ_SCHEMA), out / "sequences" / "part-00000.parquet")
+    ids = np.arange(1, items + 1, dtype=np.int32)
+    pq.write_table(
+        pa.table({"item_index": ids, "item_id": ids.astype(str), "count": np.ones(items, dtype=np.int64),
+                  "title": pa.nulls(items, pa.string()), "text": pa.nulls(items, pa.string())}),
+        out / "items.parquet",
+    )  # fmt: skip
+    pq.write_table(pa.table({"user_index": np.arange(users, dtype=np.int32), "user_id": np.arange(users).astype(str)}),
+                   out / "users.parquet")  # fmt: skip
+    (out / "manifest.json").write_text(json.dumps({
+        "schema_version": 1, "kind": "rayrec.dataset", "max_seq_len": max_len, "split": {"kind": "leave_one_out"},
+        "counts": {"users": users, "items": items, "events": int(lengths.sum()), "skipped": {}},
+        "source": "benchmarks/train_throughput.py", "config": {}, "created": "",
+    }))  # fmt: skip
+    return str(out)
+
+
+def plain_pytorch(data: str, config: TrainConfig, epochs: int) -> float:
+    """Sequences per second of the last epoch of a single-process loop: same model, batches, AdamW."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    table = trainable_rows(read_sequences(data), include_valid=False)
+    num_items = int(read_items(data)["item_index"].to_numpy().max())
+    model = RecModel(build_config(config.model.size, num_items=num_items, **config.model.overrides)).train()
+    optimizer = build_optimizer(model, config)
+    max_len = model.config.max_seq_len
+    rate = 0.0
+    for epoch in range(epochs):
+        order = np.random.default_rng(epoch).permutation(table.num_rows)
+        start, seen = time.perf_counter(), 0
+        for first in range(0, table.num_rows, config.train.batch_size):
+            rows = table.take(order[first : first + config.train.batch_size])
+            loss = model(**training_batch(rows, max_len, include_valid=False)).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            optimizer.step()
+            seen += rows.num_rows
+        rate = seen / (time.perf_counter() - start)
+    return rate
+
+
+def rayrec_run(data: str, runs: str, name: str, overrides: list[str]) -> list[dict]:
+    """One rayrec training run; returns its per-epoch records."""
+    from rec_train.train.launch import launch
+    from rec_train.train.loop import read_metrics
+
+    config = load_config(TrainConfig, None, [f"data.path={data}", f"run.storage={runs}", f"run.name={name}", *overrides])
+    launch(config, show_progress=False)
+    return [r for r in read_metrics(f"{runs}/{name}") if "loss" in r]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="a prepared dataset (default: synthetic, MovieLens-1M shaped)")
+    parser.add_argument("--users", type=int, default=6040)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--memory-items", type=int, default=400_000, help="item rows of the memory model")
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+
+    import ray
+
+    tmp = Path(tempfile.mkdtemp(prefix="rayrec-bench-"))
+    data = args.data or synthetic_dataset(tmp / "data", args.users, 3706, 200)
+    runs = str(tmp / "runs")
+    common = [
+        "model.size=ml-1m", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
+        "eval.ks=[10]", "eval.batch_size=512", f"checkpoint.every_epochs={args.epochs}", "checkpoint.keep=1",
+        "run.max_failures=0",
+    ]  # fmt: skip
+    figures: dict[str, object] = {
+        "benchmark": "train_throughput", "host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
+        "data": args.data or f"synthetic ml-1m shape, {args.users} users", "model": "ml-1m",
+        "parameters": count_parameters(build_config("ml-1m"))["total"], "batch_size": args.batch_size,
+    }  # fmt: skip
+    base = load_config(TrainConfig, None, [f"data.path={data}", *common])
+    figures["plain_pytorch_seq_per_s"] = round(plain_pytorch(data, base, args.epochs), 1)
+
+    ray.init(num_cpus=max(os.cpu_count() or 1, 3), include_dashboard=False, log_to_driver=False)
+    setups = {
+        "rayrec_1w_zero0": ["scaling.num_workers=1", f"scaling.cpus_per_worker={os.cpu_count() or 1}", "deepspeed.zero_stage=0"],
+        "rayrec_2w_zero2": ["scaling.num_workers=2", "deepspeed.zero_stage=2"],
+        "rayrec_2w_zero3": ["scaling.num_workers=2", "deepspeed.zero_stage=3"],
+    }  # fmt: skip
+    for key, extra in setups.items():
+        records = rayrec_run(data, runs, key, [*common, *extra])
+        figures[f"{key}_seq_per_s"] = round(records[-1]["sequences_per_s"], 1)
+
+    if not args.skip_memory:
+        memory_model = [
+            "model.size=tiny", "eval.batch_size=64",
+            "model.overrides={hidden_size: 128, intermediate_size: 256, loss: sampled_softmax, num_negatives: 128}",
+        ]  # fmt: skip
+        small = synthetic_dataset(tmp / "memory_data", 256, args.memory_items, 20)
+        figures["memory_model_parameters"] = count_parameters(
+            build_config("tiny", num_items=args.memory_items, hidden_size=128, intermediate_size=256)
+        )["total"]
+        for stage in (0, 1, 2, 3):
+            records = rayrec_run(
+                small, runs, f"memory_zero{stage}",
+                ["train.epochs=1", "train.batch_size=64", "eval.ks=[10]", "run.max_failures=0", "scaling.num_workers=2",
+                 f"deepspeed.zero_stage={stage}", *memory_model],
+            )  # fmt: skip
+            figures[f"peak_memory_mb_2w_zero{stage}"] = round(records[-1]["peak_memory_mb"])
+    ray.shutdown()
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
