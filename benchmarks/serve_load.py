@@ -182,6 +182,7 @@ def main() -> None:
                 "replicas": 1,
                 "seconds_per_level": args.seconds,
                 "cpu_cores": os.cpu_count(),
+                "load_average_1m": round(os.getloadavg()[0], 1),
                 "torch": torch.__version__,
                 "ray": ray.__version__,
                 **results,

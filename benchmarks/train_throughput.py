@@ -1,6 +1,6 @@
 """Training throughput and memory: a plain PyTorch loop against rayrec on Ray Train + DeepSpeed.
 
-    python benchmarks/train_throughput.py [--users 6040] [--epochs 2] [--memory-items 400000]
+    python benchmarks/train_throughput.py [--users 6040] [--epochs 2] [--memory-items 400000] [--part all]
 
 Throughput: sequences per second of the MovieLens-1M model config (`--size ml-1m`) on sequences shaped
 like MovieLens-1M (6,040 users, 3,706 items, up to 200 items each; `--data` takes a prepared dataset
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--memory-items", type=int, default=400_000, help="item rows of the memory model")
-    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--part", choices=["all", "throughput", "memory"], default="all", help="what to measure")
     args = parser.parse_args()
 
     import ray
@@ -135,10 +135,11 @@ def main() -> None:
         "parameters": count_parameters(build_config("ml-1m"))["total"], "batch_size": args.batch_size,
     }  # fmt: skip
     base = load_config(TrainConfig, None, [f"data.path={data}", *common])
-    figures["plain_pytorch_seq_per_s"] = round(plain_pytorch(data, base, args.epochs), 1)
+    if args.part != "memory":
+        figures["plain_pytorch_seq_per_s"] = round(plain_pytorch(data, base, args.epochs), 1)
 
     ray.init(num_cpus=max(os.cpu_count() or 1, 3), include_dashboard=False, log_to_driver=False)
-    setups = {
+    setups = {} if args.part == "memory" else {
         "rayrec_1w_zero0": ["scaling.num_workers=1", f"scaling.cpus_per_worker={os.cpu_count() or 1}", "deepspeed.zero_stage=0"],
         "rayrec_2w_zero2": ["scaling.num_workers=2", "deepspeed.zero_stage=2"],
         "rayrec_2w_zero3": ["scaling.num_workers=2", "deepspeed.zero_stage=3"],
@@ -147,7 +148,7 @@ def main() -> None:
         records = rayrec_run(data, runs, key, [*common, *extra])
         figures[f"{key}_seq_per_s"] = round(records[-1]["sequences_per_s"], 1)
 
-    if not args.skip_memory:
+    if args.part != "throughput":
         memory_model = [
             "model.size=tiny", "eval.batch_size=64",
             "model.overrides={hidden_size: 128, intermediate_size: 256, loss: sampled_softmax, num_negatives: 128}",

@@ -183,7 +183,9 @@ class Predictor:
     def load(cls, uri: str, cache_dir: str | None = None, explain_items: int = 3) -> Predictor:
         """Load an exported model from a local path, `file://` or `s3://` URI (downloaded first)."""
         loc = check_model_folder(uri)
-        local = storage.local_copy(loc, cache_dir or tempfile.mkdtemp(prefix="rayrec-model-"))
+        if loc.is_s3 and cache_dir is None:
+            cache_dir = tempfile.mkdtemp(prefix="rayrec-model-")  # the replica's own copy
+        local = storage.local_copy(loc, cache_dir or loc.path)
         model = RecModel.from_pretrained(str(local), use_safetensors=True)
         items = _read_table(local / "items.parquet", ["item_index", "item_id", "title", "count"])
         hist_table = _read_table(local / "histories.parquet", ["user_id", "items"])

@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rec_train import storage
@@ -113,9 +114,9 @@ def _input_files(uri: str, what: str) -> list[str]:
     try:
         loc = storage.resolve(uri)
         info = storage.file_info(loc)
-        if info.type == storage.pafs.FileType.NotFound:
+        if info.type == pafs.FileType.NotFound:
             raise DataError(f"{what} {uri} does not exist; check the path (--{what.split()[0]})")
-        if info.type == storage.pafs.FileType.File:
+        if info.type == pafs.FileType.File:
             return [loc.uri]
         paths = storage.list_files(loc)
     except storage.StorageError as exc:
@@ -301,8 +302,13 @@ def _raw_batches(task: ReadTask) -> Iterator[pa.Table]:
     parse_options = pacsv.ParseOptions(delimiter=src.delimiter, quote_char='"' if src.quoting else False)
     with loc.fs.open_input_stream(loc.path, compression="detect") as stream:
         try:
-            reader = pacsv.open_csv(stream, read_options=read_options, parse_options=parse_options,
-                                    convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in needed}))  # fmt: skip
+            convert_options = pacsv.ConvertOptions(column_types={c: pa.string() for c in needed})
+            reader = pacsv.open_csv(
+                stream,
+                read_options=read_options,
+                parse_options=parse_options,
+                convert_options=convert_options,
+            )
         except pa.ArrowInvalid as exc:
             if "Empty CSV file" in str(exc):
                 return
@@ -369,8 +375,8 @@ def _movielens_items(loc: storage.Location) -> tuple[list[str], list[str | None]
     name = posixpath.basename(loc.path).lower().removesuffix(".gz")
     if name.endswith(".csv"):
         table = _read_table(loc, ",", True)
-        _check_columns(loc.uri, table.column_names, {"item": "movieId", "title": "title", "text": "genres"},
-                       "item_columns")  # fmt: skip
+        wanted = {"item": "movieId", "title": "title", "text": "genres"}
+        _check_columns(loc.uri, table.column_names, wanted, "item_columns")
         genres = [_genres_text(g) for g in table["genres"].to_pylist()]
         return [str(v) for v in table["movieId"].to_pylist()], table["title"].to_pylist(), genres
     ids, titles, genres = [], [], []

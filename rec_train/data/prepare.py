@@ -296,8 +296,8 @@ def _run(
         _item_counts, fn_kwargs={"num_items": num_items}, batch_format="pyarrow"
     )
     item_counts = np.sum([c.values.to_numpy() for c in _collect(per_block)["counts"]], axis=0)
-    items = items.set_column(items.schema.get_field_index("count"), "count",
-                             pa.array(item_counts[items["item_index"].to_numpy()], pa.int64()))  # fmt: skip
+    final_counts = pa.array(item_counts[items["item_index"].to_numpy()], pa.int64())
+    items = items.set_column(items.schema.get_field_index("count"), "count", final_counts)
     sequences.write_parquet(
         out.join("sequences").path,
         filesystem=out.fs,

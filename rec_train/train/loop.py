@@ -124,6 +124,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
     )
+    if not on_gpu:
+        # DeepSpeed's shared-memory all-reduce op serves only inference all-reduce, yet it is compiled (JIT,
+        # minutes) whenever its build cache is cold; gloo carries every collective of training on CPUs.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(config, world, on_gpu), dist_init_required=False,
