@@ -55,7 +55,7 @@ DATA_CONFIGS = {  # a file that identifies the raw layout -> (prepare config, it
 }
 STOP_GRACE_S = 180  # after the abort signal, time for the run to save nothing more and shut Ray down
 RAY_START_TIMEOUT = "timed out during startup"  # Ray's 30 s node start-up limit, hit on an overloaded machine
-START_ATTEMPTS = 3
+START_ATTEMPTS = 6
 PUBLISHED = {  # ../shared/data/README.md, full ranking over 3,706 items
     "sasrec": {"hr@10": 0.2853, "ndcg@10": 0.1603},
     "hstu_large": {"hr@10": 0.3294, "ndcg@10": 0.1893},
@@ -67,7 +67,11 @@ def machine(torch_threads: int) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
@@ -82,14 +86,18 @@ def prepare_dataset(data_dir: Path, work: Path) -> str:
 
     marker = next((m for m in DATA_CONFIGS if (data_dir / m).exists()), None)
     if marker is None:
-        raise RayrecError(f"{data_dir}: found neither {' nor '.join(DATA_CONFIGS)}; pass a MovieLens-1M or -100K folder")
+        raise RayrecError(
+            f"{data_dir}: found neither {' nor '.join(DATA_CONFIGS)}; pass a MovieLens-1M or -100K folder"
+        )
     config_file, items_file = DATA_CONFIGS[marker]
     events = (data_dir / marker).resolve()
     output = work / "data" / data_dir.resolve().name
     if (output / "manifest.json").exists():
         if (REPO / load_manifest(str(output))["config"]["events"]).resolve() == events:
             return str(output)
-        raise RayrecError(f"{output} holds another dataset than {events}; remove it or pass another --work-dir")
+        raise RayrecError(
+            f"{output} holds another dataset than {events}; remove it or pass another --work-dir"
+        )
     items = data_dir / items_file
     overrides = [f"events={events}", f"output={output}", "overwrite=true"]
     overrides += [f"items={items.resolve()}"] if items.exists() else []
@@ -104,7 +112,9 @@ def prepare_dataset(data_dir: Path, work: Path) -> str:
     raise AssertionError("unreachable")
 
 
-def protocol_overrides(protocol: str, config_path: str, data: str, runs: Path, name: str, extra: list[str]) -> list[str]:
+def protocol_overrides(
+    protocol: str, config_path: str, data: str, runs: Path, name: str, extra: list[str]
+) -> list[str]:
     """The config overrides of one protocol's run; validated here so a bad key fails before Ray starts."""
     base = [*extra, f"data.path={data}", f"run.storage={runs}", f"run.name={name}"]
     base.append(f"data.include_valid={'true' if protocol == 'published' else 'false'}")
@@ -114,9 +124,20 @@ def protocol_overrides(protocol: str, config_path: str, data: str, runs: Path, n
     return base
 
 
-def run_training(config_path: str, overrides: list[str], budget_s: float | None, log: Path) -> tuple[bool, float]:
+def run_training(
+    config_path: str, overrides: list[str], budget_s: float | None, log: Path
+) -> tuple[bool, float]:
     """`rec-train pretrain` in a child process; returns (stopped by the budget, wall seconds)."""
-    cmd = [sys.executable, "-m", "rec_train.cli", "pretrain", "--config", config_path, "--no-progress", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rec_train.cli",
+        "pretrain",
+        "--config",
+        config_path,
+        "--no-progress",
+        *overrides,
+    ]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
     for attempt in range(1, START_ATTEMPTS + 1):
         started = time.perf_counter()
@@ -147,10 +168,15 @@ def chosen_checkpoint(run_dir: Path, protocol: str, metric: str) -> Path:
     """The checkpoint the protocol reports: the latest (published) or the best validation one (strict)."""
     states = {p.parent: json.loads(p.read_text()) for p in run_dir.glob(f"checkpoint_*/{TRAINER_STATE}")}
     if not states:
-        raise RayrecError(f"{run_dir} has no checkpoint yet: raise --time-budget-min or lower checkpoint.every_epochs")
+        raise RayrecError(
+            f"{run_dir} has no checkpoint yet: raise --time-budget-min or lower checkpoint.every_epochs"
+        )
     if protocol == "published":
         return max(states, key=lambda p: states[p]["epoch"])
-    return max(states, key=lambda p: (states[p]["metrics"].get(f"valid_{metric}", float("-inf")), -states[p]["epoch"]))
+    return max(
+        states,
+        key=lambda p: (states[p]["metrics"].get(f"valid_{metric}", float("-inf")), -states[p]["epoch"]),
+    )
 
 
 def epoch_records(run_dir: Path) -> list[dict[str, Any]]:
@@ -195,20 +221,29 @@ def run_protocol(
     }
     if protocol == "strict":
         result[f"valid_{config.eval.metric}"] = round(
-            json.loads((checkpoint / TRAINER_STATE).read_text())["metrics"].get(f"valid_{config.eval.metric}", 0.0), 4
+            json.loads((checkpoint / TRAINER_STATE).read_text())["metrics"].get(
+                f"valid_{config.eval.metric}", 0.0
+            ),
+            4,
         )
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("data_dir", type=Path, help="MovieLens-1M folder (sequences.txt.gz, movies.dat) or ml-100k")
+    parser.add_argument(
+        "data_dir", type=Path, help="MovieLens-1M folder (sequences.txt.gz, movies.dat) or ml-100k"
+    )
     parser.add_argument("--config", default="configs/pretrain/ml-1m.yaml", help="training config (YAML)")
     parser.add_argument("--protocol", choices=[*PROTOCOLS, "both"], default="published")
-    parser.add_argument("--time-budget-min", type=float, default=None, help="interrupt training after N minutes")
-    parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "quality-ml1m", help="prepared data and runs")
+    parser.add_argument(
+        "--time-budget-min", type=float, default=None, help="interrupt training after N minutes"
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, default=REPO / "runs" / "quality-ml1m", help="prepared data and runs"
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     args.config = str(Path(args.config).resolve())
     if args.time_budget_min is not None and args.time_budget_min <= 0:
         parser.error(f"--time-budget-min must be positive, got {args.time_budget_min}")

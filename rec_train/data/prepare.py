@@ -44,19 +44,18 @@ RAY_ENV_PREFIXES = ("AWS_",)  # forwarded to Ray workers so they reach the same 
 
 @contextlib.contextmanager
 def ray_session(num_cpus: int | None = None) -> Iterator[None]:
-    """Use the running Ray (or RAY_ADDRESS); otherwise start a local one and stop it afterwards."""
+    """Use the running Ray; else join RAY_ADDRESS or start a local Ray, and disconnect afterwards."""
     import ray
 
     if ray.is_initialized():
         yield
         return
     env = {k: v for k, v in os.environ.items() if k.startswith(RAY_ENV_PREFIXES)}
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": env} if env else None,
-    )
+    runtime_env = {"env_vars": env} if env else None
+    if os.environ.get("RAY_ADDRESS"):  # a cluster (e.g. inside `ray job submit`): its size is its own
+        ray.init(log_to_driver=False, runtime_env=runtime_env)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     try:
         yield
     finally:

@@ -126,14 +126,19 @@ def ray_head() -> Iterator[Head]:
 
 
 def wait_for_job(head: Head, job_id: str, timeout: float) -> str:
+    """Poll `ray job status` until the job ends (or `timeout`); returns its last status."""
     deadline = time.monotonic() + timeout
     while True:
         out = head.ray("job", "status", job_id, "--address", head.address)
         assert out.returncode == 0, out.stderr
-        status = re.search(r"Status for job '[^']+': (\w+)", out.stdout)
+        # "Status for job 'ID': RUNNING" while it runs, "Job 'ID' succeeded" once it has ended.
+        status = re.search(
+            r"Status for job '[^']+': (\w+)|Job '[^']+' (succeeded|failed|stopped)", out.stdout
+        )
         assert status, out.stdout
-        if status[1] in TERMINAL or time.monotonic() > deadline:
-            return status[1]
+        current = (status[1] or status[2]).upper()
+        if current in TERMINAL or time.monotonic() > deadline:
+            return current
         time.sleep(3)
 
 
@@ -174,7 +179,7 @@ def test_submit_prepare_and_pretrain_as_a_ray_job(ray_head: Head, tmp_path: Path
         time.sleep(5)
     assert submit.returncode == 0, submit.stdout + submit.stderr
 
-    status = wait_for_job(ray_head, job_id, timeout=1500)
+    status = wait_for_job(ray_head, job_id, timeout=800)
     logs = ray_head.ray("job", "logs", job_id, "--address", ray_head.address)
     assert logs.returncode == 0, logs.stderr
     assert status == "SUCCEEDED", logs.stdout[-5000:]

@@ -132,20 +132,21 @@ def config(data: str, storage_uri: str, name: str, *overrides: str) -> TrainConf
 
 
 def kill_a_worker_after_first_checkpoint(run_uri: str, killed: list[int]) -> None:
-    """Once the run has recorded its first checkpointed epoch, SIGKILL one Ray Train worker of this
-    test's cluster (rank 0 appends the epoch to metrics.jsonl after `ray.train.report` returned)."""
+    """Once the first checkpoint is registered (Ray Train's checkpoint manager snapshot lists it, and rank 0
+    recorded its epoch), SIGKILL one Ray Train worker: a `ray::RayTrainWorker` process under this test."""
     import psutil
-    import ray
 
-    deadline = time.time() + 900
-    while time.time() < deadline and not epochs_trained(run_uri):
+    snapshot = storage.resolve(run_uri).join("checkpoint_manager_snapshot.json")
+    deadline = time.time() + 1800
+    while time.time() < deadline and not (epochs_trained(run_uri) and storage.exists(snapshot)):
         time.sleep(0.5)
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    for proc in psutil.Process(raylet).children(recursive=True):
-        if "RayTrainWorker" in " ".join(proc.cmdline()):
-            os.kill(proc.pid, signal.SIGKILL)
-            killed.append(proc.pid)
-            return
+    while time.time() < deadline and not killed:
+        for proc in psutil.Process().children(recursive=True):
+            if proc.cmdline()[:1] == ["ray::RayTrainWorker"]:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed.append(proc.pid)
+                return
+        time.sleep(0.5)
 
 
 def epochs_trained(run_uri: str) -> list[int]:

@@ -24,13 +24,17 @@ from rec_train.train.metrics import metrics_from_histogram
 KS = [1, 5, 10, 20]
 
 
-def numpy_metrics(scores: np.ndarray, histories: list[list[int]], targets: list[int], ks: list[int]) -> dict[str, float]:
+def numpy_metrics(
+    scores: np.ndarray, histories: list[list[int]], targets: list[int], ks: list[int]
+) -> dict[str, float]:
     """HR@K, NDCG@K, MRR from scores [U, N + 1] by an explicit loop over users and candidate items."""
     ranks = []
     for user, (history, target) in enumerate(zip(histories, targets, strict=True)):
         excluded = set(history) - {target}
         higher = sum(
-            1 for item in range(1, scores.shape[1]) if item not in excluded and scores[user, item] > scores[user, target]
+            1
+            for item in range(1, scores.shape[1])
+            if item not in excluded and scores[user, item] > scores[user, target]
         )
         ranks.append(1 + higher)
     r = np.array(ranks, dtype=np.float64)
