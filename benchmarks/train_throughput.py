@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -104,19 +105,25 @@ def rayrec_run(data: str, runs: str, name: str, overrides: list[str]) -> list[di
     from rec_train.train.launch import launch
     from rec_train.train.loop import read_metrics
 
-    config = load_config(TrainConfig, None, [f"data.path={data}", f"run.storage={runs}", f"run.name={name}", *overrides])
+    config = load_config(
+        TrainConfig, None, [f"data.path={data}", f"run.storage={runs}", f"run.name={name}", *overrides]
+    )
     launch(config, show_progress=False)
     return [r for r in read_metrics(f"{runs}/{name}") if "loss" in r]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", help="a prepared dataset (default: synthetic, MovieLens-1M shaped)")
     parser.add_argument("--users", type=int, default=6040)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--memory-items", type=int, default=400_000, help="item rows of the memory model")
-    parser.add_argument("--part", choices=["all", "throughput", "memory"], default="all", help="what to measure")
+    parser.add_argument(
+        "--part", choices=["all", "throughput", "memory"], default="all", help="what to measure"
+    )
     args = parser.parse_args()
 
     import ray
@@ -165,6 +172,7 @@ def main() -> None:
             )  # fmt: skip
             figures[f"peak_memory_mb_2w_zero{stage}"] = round(records[-1]["peak_memory_mb"])
     ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(figures))
 
 

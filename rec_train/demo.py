@@ -182,22 +182,22 @@ def demo(data: str | None, output: str, port: int, keep_serving: bool, quick: bo
         *text])  # fmt: skip
     done(t, {"sequences_per_s": pretrained.get("sequences_per_s")})
     t = step("Exporting the pre-trained model")
-    export(pretrained["checkpoint"], str(out / "models/pretrained"), evaluate=False)
+    export(pretrained["checkpoint"], str(out / "pretrained-model"), evaluate=False)
     done(t)
 
     t = step("Fine-tuning on the new domain (frozen item embeddings, lower learning rate)")
     finetuned = train("finetune/synthetic-domain.yaml", [
         f"data.path={fine}", f"run.storage={out / 'runs'}", "run.name=finetune", f"train.epochs={epochs}"],
-        init_from=str(out / "models/pretrained"))  # fmt: skip
+        init_from=str(out / "pretrained-model"))  # fmt: skip
     done(t)
     t = step("Exporting the fine-tuned model")
-    exported = export(finetuned["checkpoint"], str(out / "models/finetuned"), evaluate=False)
+    exported = export(finetuned["checkpoint"], str(out / "model"), evaluate=False)
     done(t, {"model_version": exported["model_version"]})
 
     t = step("Evaluating on the new domain's validation targets (full ranking, history excluded)")
     sequences = read_sequences(str(fine))
-    after, _ = load_model(str(out / "models/finetuned"))
-    before, _ = load_model(str(out / "models/pretrained"))
+    after, _ = load_model(str(out / "model"))
+    before, _ = load_model(str(out / "pretrained-model"))
     if before.config.num_items < after.config.num_items:  # items new in the fine-tuning domain
         text = read_item_text_embeddings(str(fine))[0].float() if before.config.uses_text else None
         before.resize_items(after.config.num_items, text)
@@ -212,9 +212,7 @@ def demo(data: str | None, output: str, port: int, keep_serving: bool, quick: bo
 
     t = step("Serving with Ray Serve: 2 replicas, batching")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(
-        build_app({"model": str(out / "models/finetuned"), "replicas": 2}), name="rayrec", route_prefix="/"
-    )
+    serve.run(build_app({"model": str(out / "model"), "replicas": 2}), name="rayrec", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     done(t, {"url": url})
 
@@ -250,7 +248,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", help="a MovieLens folder (ml-100k, ml-1m, ml-latest-small); default: synthetic"
     )
-    parser.add_argument("--output", default="demo_out", help="folder for data, runs and models (replaced)")
+    parser.add_argument(
+        "--output",
+        default="/tmp/rayrec-demo",
+        help="folder for data, runs and models (replaced); the model is OUTPUT/model",
+    )
     parser.add_argument("--port", type=int, default=8000, help="HTTP port of the endpoint on 127.0.0.1")
     parser.add_argument("--quick", action="store_true", help="a smaller dataset and fewer epochs")
     parser.add_argument("--stop", action="store_true", help="shut the endpoint and Ray down at the end")

@@ -24,7 +24,9 @@ def training_sequence(train_items: list[int], valid_item: int, include_valid: bo
     return [*train_items, valid_item] if include_valid and valid_item else list(train_items)
 
 
-def training_batch(rows: pa.RecordBatch | pa.Table, max_len: int, include_valid: bool) -> dict[str, torch.Tensor]:
+def training_batch(
+    rows: pa.RecordBatch | pa.Table, max_len: int, include_valid: bool
+) -> dict[str, torch.Tensor]:
     """`input_ids`, `attention_mask`, `labels`, each [B, L] with L <= max_len."""
     seqs = [
         training_sequence(items, valid, include_valid)[-(max_len + 1) :]
@@ -61,7 +63,10 @@ def eval_batch(rows: pa.RecordBatch | pa.Table, split: str, max_len: int) -> Eva
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     histories, targets = [], []
     for items, valid, test in zip(
-        rows["train_items"].to_pylist(), rows["valid_item"].to_pylist(), rows["test_item"].to_pylist(), strict=True
+        rows["train_items"].to_pylist(),
+        rows["valid_item"].to_pylist(),
+        rows["test_item"].to_pylist(),
+        strict=True,
     ):
         history = training_sequence(items, valid, include_valid=split == "test")
         target = valid if split == "valid" else test

@@ -66,7 +66,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine: Any, directory: Path, state: TrainerState, rank: int, model_config: RecConfig, run: dict) -> None:
+def save(
+    engine: Any, directory: Path, state: TrainerState, rank: int, model_config: RecConfig, run: dict
+) -> None:
     """Every rank: its engine shard and RNG; rank 0 also the trainer state, model config and run info."""
     engine.save_checkpoint(str(directory / DS_DIR), tag=DS_TAG)
     torch.save(rng_state(), directory / f"rng_state_{rank}.pt")
@@ -81,7 +83,9 @@ def restore(engine: Any, directory: Path, rank: int, rng: bool = True) -> Traine
     (The optimizer is always loaded: under ZeRO-3 the weights are restored from its fp32 partitions.)"""
     path, _ = engine.load_checkpoint(str(directory / DS_DIR), tag=DS_TAG)
     if path is None:
-        raise RayrecError(f"{directory}: no DeepSpeed state under {DS_DIR}/{DS_TAG}; the checkpoint is incomplete")
+        raise RayrecError(
+            f"{directory}: no DeepSpeed state under {DS_DIR}/{DS_TAG}; the checkpoint is incomplete"
+        )
     rng_file = directory / f"rng_state_{rank}.pt"
     if rng and rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
@@ -120,7 +124,9 @@ def model_from_checkpoint(directory: Path) -> RecModel:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in dict(model.named_buffers())]
     if missing or unexpected:
-        raise RayrecError(f"{directory}: checkpoint does not fit its model config (missing {missing}, unexpected {unexpected})")
+        raise RayrecError(
+            f"{directory}: checkpoint does not fit its model config (missing {missing}, unexpected {unexpected})"
+        )
     return model.eval()
 
 

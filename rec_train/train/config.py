@@ -25,7 +25,9 @@ class DataSection(StrictModel):
         description="train on train_items + [valid_item] for a fixed number of epochs and report the test "
         "target (the published MovieLens-1M protocol); no validation, no early stopping",
     )
-    shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's local shuffle buffer (0: none)")
+    shuffle_buffer: int = Field(
+        2048, ge=0, description="rows in each worker's local shuffle buffer (0: none)"
+    )
 
 
 class ModelSection(StrictModel):
@@ -33,7 +35,9 @@ class ModelSection(StrictModel):
 
     size: str = "tiny"
     overrides: dict[str, Any] = Field(default_factory=dict)
-    max_seq_len: int | None = Field(None, ge=1, description="default: the dataset's, else the size's max_seq_len")
+    max_seq_len: int | None = Field(
+        None, ge=1, description="default: the dataset's, else the size's max_seq_len"
+    )
 
 
 class OptimSection(StrictModel):
@@ -76,7 +80,9 @@ class EvalSection(StrictModel):
 
     every_epochs: int = Field(1, ge=1)
     ks: list[int] = Field(default_factory=lambda: [10, 50])
-    metric: str = Field("ndcg@10", description="validation metric that picks checkpoints: hr@K, ndcg@K or mrr")
+    metric: str = Field(
+        "ndcg@10", description="validation metric that picks checkpoints: hr@K, ndcg@K or mrr"
+    )
     patience: int | None = Field(None, ge=1, description="stop after this many evaluations without gain")
     batch_size: int = Field(256, ge=1)
 
@@ -107,7 +113,9 @@ class ScalingSection(StrictModel):
 class RunSection(StrictModel):
     name: str | None = Field(None, description="run folder name; the same name resumes an interrupted run")
     storage: str = Field("runs", description="runs folder: local path or s3:// URI")
-    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the latest checkpoint (-1: any)")
+    max_failures: int = Field(
+        2, ge=-1, description="worker-group restarts from the latest checkpoint (-1: any)"
+    )
 
 
 class FinetuneSection(StrictModel):
@@ -118,7 +126,9 @@ class FinetuneSection(StrictModel):
         "none", description="rec_train.model.peft_utils freeze policy"
     )
     top_n: int = Field(1, ge=1, description="blocks that train under freeze=all_but_top_n")
-    lora_rank: int = Field(0, ge=0, description="LoRA rank on the blocks' attention and MLP projections (0: none)")
+    lora_rank: int = Field(
+        0, ge=0, description="LoRA rank on the blocks' attention and MLP projections (0: none)"
+    )
     lora_alpha: int = Field(16, ge=1)
 
 

@@ -68,7 +68,11 @@ def _check_split(split: str) -> None:
 
 @torch.no_grad()
 def evaluate_model(
-    model: RecModel, sequences: pa.Table, split: str = "test", ks: Iterable[int] = (10, 50), batch_size: int = 256
+    model: RecModel,
+    sequences: pa.Table,
+    split: str = "test",
+    ks: Iterable[int] = (10, 50),
+    batch_size: int = 256,
 ) -> dict[str, float]:
     """HR@K, NDCG@K, MRR (and `users`) of `model` on `split` ("valid" or "test") of a sequences table."""
     _check_split(split)
@@ -84,7 +88,11 @@ def evaluate_model(
 
 
 def evaluate_popularity(
-    sequences: pa.Table, num_items: int, split: str = "test", ks: Iterable[int] = (10, 50), batch_size: int = 256
+    sequences: pa.Table,
+    num_items: int,
+    split: str = "test",
+    ks: Iterable[int] = (10, 50),
+    batch_size: int = 256,
 ) -> dict[str, float]:
     """The most-popular-items baseline, ranked and averaged exactly as `evaluate_model` does."""
     _check_split(split)
@@ -97,7 +105,9 @@ def evaluate_popularity(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="exported model folder or training checkpoint (path or s3://)")
+    parser.add_argument(
+        "--model", required=True, help="exported model folder or training checkpoint (path or s3://)"
+    )
     parser.add_argument("--data", help="prepared dataset (default: the one the model was trained on)")
     parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--ks", type=int, nargs="+", default=[10, 50], help="cut-offs K for HR@K and NDCG@K")

@@ -30,7 +30,9 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def export(checkpoint_uri: str, output_uri: str, evaluate: bool = True, batch_size: int = 256) -> dict[str, Any]:
+def export(
+    checkpoint_uri: str, output_uri: str, evaluate: bool = True, batch_size: int = 256
+) -> dict[str, Any]:
     """Write the exported model folder; returns its `rayrec.json` figures and metrics."""
     from rec_train.data.dataset import load_manifest, read_items, read_sequences
     from rec_train.train.evaluate import evaluate_model
@@ -87,10 +89,16 @@ def export(checkpoint_uri: str, output_uri: str, evaluate: bool = True, batch_si
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a run's checkpoint_* folder (path or s3://)")
     parser.add_argument("--output", required=True, help="model folder to write (path or s3://)")
-    parser.add_argument("--no-eval", action="store_true", help="skip computing metrics.json's valid/test metrics")
+    parser.add_argument(
+        "--no-eval", action="store_true", help="skip computing metrics.json's valid/test metrics"
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="users per batch when evaluating")
 
 
 def run(args: argparse.Namespace) -> int:
-    print(json.dumps(export(args.checkpoint, args.output, evaluate=not args.no_eval, batch_size=args.batch_size)))
+    print(
+        json.dumps(
+            export(args.checkpoint, args.output, evaluate=not args.no_eval, batch_size=args.batch_size)
+        )
+    )
     return 0

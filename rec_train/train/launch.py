@@ -67,7 +67,9 @@ def _progress(run_uri: str, epochs: int, done: threading.Event) -> None:
         if trained:
             last = trained[-1]
             bar.n = last["epoch"]
-            bar.set_postfix({k: round(v, 4) for k, v in last.items() if k in ("loss", "sequences_per_s") or "ndcg" in k})
+            bar.set_postfix(
+                {k: round(v, 4) for k, v in last.items() if k in ("loss", "sequences_per_s") or "ndcg" in k}
+            )
             bar.refresh()
     bar.close()
 
@@ -88,7 +90,10 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
     rows_per_worker = math.ceil(int(manifest["counts"]["users"]) / workers)
     steps_per_epoch = max(1, math.ceil(rows_per_worker / config.train.batch_size / config.train.grad_accum))
 
-    name = config.run.name or f"{'finetune' if config.finetune else 'pretrain'}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    name = (
+        config.run.name
+        or f"{'finetune' if config.finetune else 'pretrain'}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    )
     runs = storage.resolve(config.run.storage)
     run_uri = runs.join(name).uri
     env = aws_env()
@@ -97,7 +102,9 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
             ray.init()
         else:  # a local Ray: room for the workers plus Ray Data's read tasks
             needed = math.ceil(workers * config.scaling.cpus_per_worker) + 1
-            ray.init(num_cpus=max(os.cpu_count() or 1, needed), runtime_env={"env_vars": env} if env else None)
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, needed), runtime_env={"env_vars": env} if env else None
+            )
 
     include_valid = config.data.include_valid
     train = ray_dataset(config.data.path, columns=TRAIN_COLUMNS).map_batches(
@@ -150,7 +157,10 @@ def summary(run_uri: str, best: Any, is_s3: bool) -> dict[str, Any]:
     records = read_metrics(run_uri)
     epochs = [r for r in records if "loss" in r]
     final = next((r for r in reversed(records) if r.get("final")), {})
-    out: dict[str, Any] = {"run": run_uri, "checkpoint": ("s3://" if is_s3 else "") + best.path if best else None}
+    out: dict[str, Any] = {
+        "run": run_uri,
+        "checkpoint": ("s3://" if is_s3 else "") + best.path if best else None,
+    }
     if epochs:
         out.update({k: epochs[-1][k] for k in ("epoch", "step", "loss", "sequences_per_s")})
         out["resumed"] = sum(1 for r in records if r.get("event") == "resumed")
@@ -166,7 +176,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--name", help="run name (overrides run.name); the same name resumes that run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=3")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=3"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -178,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
         if config.finetune is None:
             config.finetune = FinetuneSection()
     elif config.finetune is not None:
-        raise RayrecError(f"{args.config} has a finetune section: run it with `rec-train finetune --from MODEL`")
+        raise RayrecError(
+            f"{args.config} has a finetune section: run it with `rec-train finetune --from MODEL`"
+        )
     print(json.dumps(launch(config, args.init_from, show_progress=not args.no_progress)))
     return 0

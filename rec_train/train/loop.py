@@ -37,7 +37,9 @@ from rec_train.train.optim import build_optimizer, lr_lambda
 METRICS_FILE = "metrics.jsonl"
 
 
-def append_metrics(run_uri: str, records: list[dict[str, Any]], keep_through_epoch: int | None = None) -> None:
+def append_metrics(
+    run_uri: str, records: list[dict[str, Any]], keep_through_epoch: int | None = None
+) -> None:
     """Append lines to the run's metrics.jsonl; `keep_through_epoch` first drops lines of later epochs
     (trained before a failure, then trained again from the checkpoint)."""
     kept = read_metrics(run_uri)
@@ -82,7 +84,9 @@ class Evaluator:
             rows = ray.train.get_dataset_shard("eval").iter_batches(
                 batch_size=self.config.eval.batch_size, batch_format="pyarrow", prefetch_batches=1
             )
-            hist = split_histogram(model_scores(scorer, self.device), rows, split, self.max_seq_len, module.config.num_items)
+            hist = split_histogram(
+                model_scores(scorer, self.device), rows, split, self.max_seq_len, module.config.num_items
+            )
         module.train()
         hist = hist.to(self.device)
         dist.all_reduce(hist)  # int64 counts: the sum is exact
@@ -143,7 +147,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         with resumed.as_directory() as d:
             state = ckpt.restore(engine, Path(d), rank)
     if rank == 0:  # records of epochs after the checkpoint (or of an attempt without one) are dropped
-        event = {"event": "resumed" if resumed is not None else "started", "epoch": state.epoch, "step": state.step}
+        event = {
+            "event": "resumed" if resumed is not None else "started",
+            "epoch": state.epoch,
+            "step": state.step,
+        }
         append_metrics(run_uri, [event], keep_through_epoch=state.epoch)
 
     max_seq_len = model_config.max_seq_len

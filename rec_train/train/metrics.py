@@ -29,7 +29,9 @@ def rank_histogram(ranks: torch.Tensor, num_items: int) -> torch.Tensor:
     return torch.bincount(ranks.long().cpu(), minlength=num_items + 1)[: num_items + 1]
 
 
-def metrics_from_histogram(hist: torch.Tensor | np.ndarray, ks: list[int], prefix: str = "") -> dict[str, float]:
+def metrics_from_histogram(
+    hist: torch.Tensor | np.ndarray, ks: list[int], prefix: str = ""
+) -> dict[str, float]:
     """HR@K, NDCG@K (one relevant item: 1 / log2(rank + 1) within the top K) and MRR, plus `users`."""
     counts = np.asarray(hist, dtype=np.int64)
     users = int(counts.sum())
@@ -39,6 +41,8 @@ def metrics_from_histogram(hist: torch.Tensor | np.ndarray, ks: list[int], prefi
     for k in sorted(set(ks)):
         top = counts[: k + 1].astype(np.float64)
         out[f"{prefix}hr@{k}"] = float(top.sum() / users) if users else 0.0
-        out[f"{prefix}ndcg@{k}"] = float((top / np.log2(ranks[: k + 1] + 1.0)).sum() / users) if users else 0.0
+        out[f"{prefix}ndcg@{k}"] = (
+            float((top / np.log2(ranks[: k + 1] + 1.0)).sum() / users) if users else 0.0
+        )
     out[f"{prefix}mrr"] = float((counts / ranks).sum() / users) if users else 0.0
     return out

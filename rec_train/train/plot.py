@@ -21,7 +21,9 @@ def plot_run(run_uri: str, output: str | None = None) -> dict[str, object]:
 
     records = [r for r in read_metrics(run_uri) if "loss" in r]
     if not records:
-        raise RayrecError(f"{run_uri} has no metrics.jsonl with epochs; pass a run folder (runs/NAME or s3://...)")
+        raise RayrecError(
+            f"{run_uri} has no metrics.jsonl with epochs; pass a run folder (runs/NAME or s3://...)"
+        )
     epochs = [r["epoch"] for r in records]
     ndcg_keys = sorted({k for r in records for k in r if "ndcg@" in k})
     fig, (ax_loss, ax_ndcg) = plt.subplots(1, 2, figsize=(10, 4))
@@ -39,7 +41,12 @@ def plot_run(run_uri: str, output: str | None = None) -> dict[str, object]:
     plt.close(fig)
     target = storage.resolve(output) if output else storage.resolve(run_uri).join("curves.png")
     storage.write_bytes(target, buffer.getvalue())
-    return {"png": target.uri, "epochs": len(epochs), "last_loss": records[-1]["loss"], "curves": ["loss", *ndcg_keys]}
+    return {
+        "png": target.uri,
+        "epochs": len(epochs),
+        "last_loss": records[-1]["loss"],
+        "curves": ["loss", *ndcg_keys],
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

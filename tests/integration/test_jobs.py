@@ -168,15 +168,18 @@ def test_submit_prepare_and_pretrain_as_a_ray_job(ray_head: Head, tmp_path: Path
     ]  # fmt: skip
     # `ray job submit -- ARGS` quotes each argument, so a chain of commands goes in one `bash -c`.
     entrypoint = ["bash", "-c", f"{shlex.join(prepare)} && {shlex.join(pretrain)}"]
-    for _ in range(3):  # a loaded machine can drop the CLI's first connection; nothing is submitted then
+    # Until the node's job agent is up, the server answers "No available agent ... try again later";
+    # a loaded machine can also drop the CLI's first connection. No job is created in either case.
+    retry = ("Failed to connect to Ray", "No available agent")
+    for _ in range(30):
         submit = ray_head.ray(
             "job", "submit", "--address", ray_head.address, "--submission-id", job_id, "--no-wait",
             "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}),
             "--", *entrypoint,
         )  # fmt: skip
-        if "Failed to connect to Ray" not in submit.stderr:
+        if not any(message in submit.stderr for message in retry):
             break
-        time.sleep(5)
+        time.sleep(4)
     assert submit.returncode == 0, submit.stdout + submit.stderr
 
     status = wait_for_job(ray_head, job_id, timeout=800)

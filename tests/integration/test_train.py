@@ -77,7 +77,9 @@ def write_dataset(out: Path, items: int, step: int, seed: int, users: int = 200,
         out / "items.parquet",
     )  # fmt: skip
     pq.write_table(
-        pa.table({"user_index": pa.array(range(users), pa.int32()), "user_id": [f"u{u}" for u in range(users)]}),
+        pa.table(
+            {"user_index": pa.array(range(users), pa.int32()), "user_id": [f"u{u}" for u in range(users)]}
+        ),
         out / "users.parquet",
     )
     manifest = {
@@ -156,7 +158,9 @@ def epochs_trained(run_uri: str) -> list[int]:
         return []
 
 
-def test_zero2_s3_resume_after_killed_worker_and_export_round_trip(cluster: dict, domain_a: Path, work: Path) -> None:
+def test_zero2_s3_resume_after_killed_worker_and_export_round_trip(
+    cluster: dict, domain_a: Path, work: Path
+) -> None:
     bucket = cluster["bucket"]
     data = f"{bucket}/data/domain_a"
     storage.copy_dir(storage.resolve(str(domain_a)), storage.resolve(data))
@@ -188,9 +192,14 @@ def test_zero2_s3_resume_after_killed_worker_and_export_round_trip(cluster: dict
     out = f"{bucket}/models/zero2"
     figures = export(result["checkpoint"], out)
     local = storage.local_copy(storage.resolve(out), work / "zero2_model")
-    assert {"config.json", "model.safetensors", "items.parquet", "histories.parquet", "rayrec.json", "metrics.json"} <= {
-        p.name for p in local.iterdir()
-    }
+    assert {
+        "config.json",
+        "model.safetensors",
+        "items.parquet",
+        "histories.parquet",
+        "rayrec.json",
+        "metrics.json",
+    } <= {p.name for p in local.iterdir()}
     model = RecModel.from_pretrained(str(local)).eval()
     single = evaluate_model(model, read_sequences(str(domain_a)), "test", [10, 50])
     assert single == {k.removeprefix("test_"): v for k, v in result.items() if k.startswith("test_")}
@@ -201,7 +210,9 @@ def test_zero2_s3_resume_after_killed_worker_and_export_round_trip(cluster: dict
 
 def test_zero3_export_resume_by_name_continue_and_finetune(cluster: dict, domain_a: Path, work: Path) -> None:
     runs = str(work / "runs")
-    cfg = config(str(domain_a), runs, "zero3", "deepspeed.zero_stage=3", "scaling.num_workers=2", "train.epochs=2")
+    cfg = config(
+        str(domain_a), runs, "zero3", "deepspeed.zero_stage=3", "scaling.num_workers=2", "train.epochs=2"
+    )
     result = launch(cfg, show_progress=False)
     exported = work / "zero3_model"
     figures = export(result["checkpoint"], str(exported))
@@ -215,7 +226,9 @@ def test_zero3_export_resume_by_name_continue_and_finetune(cluster: dict, domain
 
     # continued pre-training: 10 new items; known items keep their rows exactly
     extended = write_dataset(work / "extended", items=70, step=1, seed=1)
-    cont = config(str(extended), runs, "continued", "deepspeed.zero_stage=0", "scaling.num_workers=1", "train.epochs=1")
+    cont = config(
+        str(extended), runs, "continued", "deepspeed.zero_stage=0", "scaling.num_workers=1", "train.epochs=1"
+    )
     items = pq.read_table(extended / "items.parquet")
     grown = build_model(cont, 70, None, items, init_from=str(exported))
     old_rows = pretrained.items.id_embeddings.weight

@@ -14,7 +14,9 @@ from rec_train.train.deepspeed_config import deepspeed_config
 from rec_train.train.optim import lr_lambda
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = sorted((REPO / "configs" / "pretrain").glob("*.yaml")) + sorted((REPO / "configs" / "finetune").glob("*.yaml"))
+SHIPPED = sorted((REPO / "configs" / "pretrain").glob("*.yaml")) + sorted(
+    (REPO / "configs" / "finetune").glob("*.yaml")
+)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -53,7 +55,9 @@ def test_bad_keys_and_values_name_the_key() -> None:
     with pytest.raises(ConfigError, match="did you mean 'train.epochs'"):
         load_config(TrainConfig, None, ["data.path=d", "train.epoch=3"])
     with pytest.raises(ConfigError, match="offload_params needs deepspeed.zero_stage=3"):
-        load_config(TrainConfig, None, ["data.path=d", "deepspeed.zero_stage=2", "deepspeed.offload_params=true"])
+        load_config(
+            TrainConfig, None, ["data.path=d", "deepspeed.zero_stage=2", "deepspeed.offload_params=true"]
+        )
     with pytest.raises(ConfigError, match=r"eval.metric='ndcg@20' needs 20 in eval.ks"):
         load_config(TrainConfig, None, ["data.path=d", "eval.metric=ndcg@20"])
     with pytest.raises(ConfigError, match="deepspeed.zero_stage"):
