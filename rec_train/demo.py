@@ -216,10 +216,10 @@ def demo(data: str | None, output: str, port: int, keep_serving: bool, quick: bo
     url = f"http://127.0.0.1:{port}"
     done(t, {"url": url})
 
-    items = pq.read_table(out / "models/finetuned/items.parquet", columns=["item_index", "item_id", "title"])
+    items = pq.read_table(out / "model/items.parquet", columns=["item_index", "item_id", "title"])
     titles = {r["item_id"]: r["title"] or r["item_id"] for r in items.to_pylist()}
     item_id = dict(zip(items["item_index"].to_pylist(), items["item_id"].to_pylist(), strict=True))
-    histories = pq.read_table(out / "models/finetuned/histories.parquet").slice(0, 3).to_pylist()
+    histories = pq.read_table(out / "model/histories.parquet").slice(0, 3).to_pylist()
     latencies = []
     for row in histories:
         answer, ms = query(f"{url}/v1/recommend", {"user_id": row["user_id"], "k": 5, "explain": True})

@@ -111,6 +111,9 @@ def ray_head() -> Iterator[Head]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"ray start failed:\n{(Path(temp_dir) / 'ray-start.log').read_text()[-3000:]}")
             time.sleep(1)
+        time.sleep(2)
+        if proc.poll() is not None:  # the dashboard answered, but the node itself failed to start
+            pytest.fail(f"ray start exited:\n{(Path(temp_dir) / 'ray-start.log').read_text()[-3000:]}")
         yield head
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -148,7 +151,7 @@ def test_the_jobs_api_refuses_requests_without_the_token(ray_head: Head) -> None
     assert ray_head.get("/api/jobs/", token=ray_head.token) == 200
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_submit_prepare_and_pretrain_as_a_ray_job(ray_head: Head, tmp_path: Path) -> None:
     raw, dataset, runs = tmp_path / "raw", tmp_path / "dataset", tmp_path / "runs"
     synth = subprocess.run(

@@ -8,7 +8,9 @@ checkpoint on a replacement node and finishes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -44,6 +46,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def processes_under(marker: str) -> list[int]:
+    """Pids of this user's processes whose command line names `marker` (the cluster's temp dir)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            if proc.stat().st_uid == os.getuid() and marker in cmdline:
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
 def worker_node(cluster: Cluster) -> Any:
     """A worker node with one CPU and one training slot."""
     return cluster.add_node(**NODE_ARGS, resources={SLOT: 1})
@@ -75,6 +92,8 @@ def cluster() -> Iterator[Cluster]:
         finally:
             ray.shutdown()
             cluster.shutdown()
+            for pid in processes_under(temp_dir):  # a node that failed to start leaves its processes
+                os.kill(pid, signal.SIGKILL)
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -175,7 +194,7 @@ def test_serve_replicas_run_on_different_nodes(cluster: Cluster, spread_run: dic
         serve.shutdown()
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_a_worker_node_removed_mid_training_is_survived(
     cluster: Cluster, dataset: Path, tmp_path: Path
 ) -> None:
