@@ -187,3 +187,13 @@ def local_copy(loc: Location, cache_dir: str | os.PathLike[str]) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     copy_dir(loc, resolve(str(target)))
     return target
+
+
+def local_folder(uri: str, cache_dir: str | os.PathLike[str], what: str) -> str:
+    """A local folder with the checkpoint at `uri` (downloaded when in S3); `what` names it in errors."""
+    loc = resolve(uri)
+    if loc.is_s3:
+        return str(local_copy(loc, cache_dir))
+    if not Path(loc.path).is_dir():
+        raise StorageError(f"{what} {uri!r} is not a folder; give a local folder or an s3:// URI")
+    return loc.path

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,23 +22,12 @@ from rec_train.model.sizes import build_config
 BACKBONE_TYPES = ("llama", "bert")
 
 
-def _local(path_or_uri: str, tmp: str) -> str:
-    loc = storage.resolve(path_or_uri)
-    if loc.is_s3:
-        return str(storage.local_copy(loc, tmp))
-    if not Path(loc.path).is_dir():
-        raise ConfigError(
-            f"backbone checkpoint {path_or_uri!r} is not a folder (give a local path or s3:// URI)"
-        )
-    return loc.path
-
-
 def config_from_backbone(path_or_uri: str, size: str = "tiny", **overrides: Any) -> RecConfig:
     """A `RecConfig` whose encoder matches the checkpoint's layers, heads and widths."""
     from transformers import AutoConfig
 
     with tempfile.TemporaryDirectory(prefix="rayrec-backbone-") as tmp:
-        hf = AutoConfig.from_pretrained(_local(path_or_uri, tmp))
+        hf = AutoConfig.from_pretrained(storage.local_folder(path_or_uri, tmp, "backbone checkpoint"))
     if hf.model_type not in BACKBONE_TYPES:
         raise ConfigError(
             f"backbone {path_or_uri!r} is a {hf.model_type!r} model; supported: {', '.join(BACKBONE_TYPES)}"
@@ -89,7 +77,7 @@ def load_backbone(model: RecModel, path_or_uri: str) -> list[str]:
     from transformers import AutoModel
 
     with tempfile.TemporaryDirectory(prefix="rayrec-backbone-") as tmp:
-        source = AutoModel.from_pretrained(_local(path_or_uri, tmp)).state_dict()
+        source = AutoModel.from_pretrained(storage.local_folder(path_or_uri, tmp, "backbone checkpoint")).state_dict()
     target = model.encoder.state_dict()
     loaded = []
     for key, value in source.items():

@@ -14,7 +14,6 @@ import struct
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -73,14 +72,7 @@ class TextEncoder:
     def _local_path(model: str, tmp: str) -> str:
         if model.lower() in MINILM_NAMES:
             return minilm_path()
-        loc = storage.resolve(model)
-        if loc.is_s3:
-            return str(storage.local_copy(loc, tmp))
-        if not Path(loc.path).is_dir():
-            raise RayrecError(
-                f"text encoder {model!r} is not a folder; give a local or s3:// Hugging Face checkpoint or 'minilm'"
-            )
-        return loc.path
+        return storage.local_folder(model, tmp, "text encoder (or 'minilm')")
 
     @property
     def dim(self) -> int:
