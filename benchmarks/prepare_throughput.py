@@ -40,8 +40,10 @@ def pandas_prepare(fmt: str, events: str, out: Path) -> dict[str, int]:
     if fmt == "sequences":
         df = pd.read_csv(events, sep=" ", header=None, names=["user_id", "item_id"], dtype=str)
         df["timestamp"] = np.arange(len(df), dtype=np.int64)
+        df["value"] = np.nan
     else:
         df = pd.read_parquet(events, columns=["user_id", "item_id", "timestamp"])
+        df["value"] = np.nan  # the synthetic log has no ratings
     bad = df[["user_id", "item_id", "timestamp"]].isna().sum()
     if bad.any():
         raise ValueError(f"{events}: null values {bad.to_dict()}")
@@ -61,6 +63,7 @@ def pandas_prepare(fmt: str, events: str, out: Path) -> dict[str, int]:
     offsets = np.append(starts, len(df)).astype(np.int32)
     items = pa.ListArray.from_arrays(pa.array(offsets), pa.array(df["item_index"].to_numpy()))
     times = pa.ListArray.from_arrays(pa.array(offsets), pa.array(df["timestamp"].to_numpy()))
+    values = df["value"].to_numpy(np.float32)
     lengths = np.diff(offsets)
     flat = df["item_index"].to_numpy()
     train_ends = offsets[:-1] + np.maximum(lengths - 2, 0)
@@ -75,6 +78,9 @@ def pandas_prepare(fmt: str, events: str, out: Path) -> dict[str, int]:
             pa.ListArray.from_arrays(pa.array(train_offsets), pa.array(train_values, pa.int32())),
             pa.array(np.where(lengths >= 2, flat[offsets[1:] - 2], 0).astype(np.int32)),
             pa.array(flat[offsets[1:] - 1].astype(np.int32)),
+            pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
+            pa.array(np.where(lengths >= 2, values[offsets[1:] - 2], np.nan).astype(np.float32)),
+            pa.array(values[offsets[1:] - 1]),
         ],
         schema=SEQUENCE_SCHEMA,
     )

@@ -49,12 +49,14 @@ def done(started: float, figures: dict[str, Any] | None = None) -> None:
 def start_ray(keep_serving: bool) -> None:
     """Connect to RAY_ADDRESS, or start a local cluster (detached when the endpoint should outlive us)."""
     import ray
+    import ray.data
 
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the demo prints its own steps
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(log_to_driver=False)
         return
     if not keep_serving:
-        ray.init(num_cpus=4, include_dashboard=False)
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         return
     ray_bin = Path(sys.executable).parent / "ray"
     started = subprocess.run(
@@ -67,7 +69,7 @@ def start_ray(keep_serving: bool) -> None:
             "could not start a local Ray cluster (`ray start --head`); if one is already running, stop it with "
             f"`{ray_bin} stop` or point RAY_ADDRESS at it:\n{started.stderr[-2000:]}"
         )
-    ray.init(address="auto")
+    ray.init(address="auto", log_to_driver=False)
 
 
 def find_movielens(folder: Path) -> tuple[str, Path, Path | None]:
@@ -92,16 +94,16 @@ def prepare_data(data: str | None, out: Path, quick: bool) -> tuple[Path, Path, 
     pre, fine = out / "data" / "pretrain", out / "data" / "finetune"
     common = {"overwrite": True, "max_seq_len": 50}
     if data is None:
-        users = 600 if quick else 3000
+        users = 1200 if quick else 2000
         for domain, n_users in ((0, users), (1, users // 2)):
             raw = out / "raw" / f"domain{domain}"
-            synth(validate(SynthConfig, {"output": str(raw), "users": n_users, "items": 400 if quick else 1000,
+            synth(validate(SynthConfig, {"output": str(raw), "users": n_users, "items": 300 if quick else 500,
                                          "events": n_users * 40, "seed": 7, "domain": domain}))  # fmt: skip
         summary = prepare(validate(PrepareConfig, {
-            "format": "parquet", "events": str(out / "raw/domain0/events.parquet"),
+            "format": "parquet", "events": str(out / "raw/domain0/events.parquet"), "columns": {"value": "rating"},
             "items": str(out / "raw/domain0/items.parquet"), "output": str(pre), **common}))  # fmt: skip
         prepare(validate(PrepareConfig, {
-            "format": "parquet", "events": str(out / "raw/domain1/events.parquet"),
+            "format": "parquet", "events": str(out / "raw/domain1/events.parquet"), "columns": {"value": "rating"},
             "items": str(out / "raw/domain1/items.parquet"), "output": str(fine), "vocab_from": str(pre), **common}))  # fmt: skip
         return pre, fine, summary
     fmt, events, items = find_movielens(Path(data))
@@ -149,7 +151,7 @@ def demo(data: str | None, output: str, port: int, keep_serving: bool, quick: bo
 
     from rec_serve.app import build_app
     from rec_train.data.dataset import read_sequences
-    from rec_train.model.text import embed_items, read_item_text_embeddings
+    from rec_train.model.text import EMBEDDINGS_FILE, embed_items, read_item_text_embeddings
     from rec_train.train.checkpoint import load_model
     from rec_train.train.evaluate import evaluate_model, evaluate_popularity
     from rec_train.train.export import export
@@ -169,25 +171,29 @@ def demo(data: str | None, output: str, port: int, keep_serving: bool, quick: bo
     done(t, {k: summary[k] for k in ("users", "items", "events")})
 
     t = step("Embedding item titles with all-MiniLM-L6-v2")
-    for dataset in (pre, fine):
-        emb = embed_items(str(dataset), progress=True)
+    emb = embed_items(str(pre), progress=True)
+    if pq.read_table(pre / "items.parquet").equals(pq.read_table(fine / "items.parquet")):
+        shutil.copy(pre / EMBEDDINGS_FILE, fine / EMBEDDINGS_FILE)  # the same items: the same vectors
+    else:
+        embed_items(str(fine), progress=True)
     done(t, {"dim": emb["dim"], "items": emb["items"]})
 
-    epochs = 3 if quick else 8
+    epochs = 4 if quick else 6
     text = ["model.overrides.item_representation=id+text", f"model.overrides.text_dim={emb['dim']}"]
     t = step("Pre-training: Ray Train, 2 workers, DeepSpeed ZeRO-2")
     pretrained = train("pretrain/synthetic.yaml", [
         f"data.path={pre}", f"run.storage={out / 'runs'}", "run.name=pretrain", f"train.epochs={epochs}",
-        "checkpoint.every_epochs=2", "model.overrides.hidden_size=64", "model.overrides.intermediate_size=128",
+        "checkpoint.every_epochs=2", "train.batch_size=32", "model.overrides.hidden_size=64", "model.overrides.intermediate_size=128",
         *text])  # fmt: skip
     done(t, {"sequences_per_s": pretrained.get("sequences_per_s")})
     t = step("Exporting the pre-trained model")
     export(pretrained["checkpoint"], str(out / "pretrained-model"), evaluate=False)
     done(t)
 
-    t = step("Fine-tuning on the new domain (frozen item embeddings, lower learning rate)")
+    t = step("Fine-tuning on the new domain (item embeddings frozen, the encoder adapts)")
     finetuned = train("finetune/synthetic-domain.yaml", [
-        f"data.path={fine}", f"run.storage={out / 'runs'}", "run.name=finetune", f"train.epochs={epochs}"],
+        f"data.path={fine}", f"run.storage={out / 'runs'}", "run.name=finetune", f"train.epochs={epochs}",
+        "train.batch_size=32", "optim.lr=0.003"],
         init_from=str(out / "pretrained-model"))  # fmt: skip
     done(t)
     t = step("Exporting the fine-tuned model")

@@ -116,6 +116,7 @@ def _index_items(events: pa.Table, item_ids: pa.Array, item_index: np.ndarray) -
             "item_index": index,
             "timestamp": events["timestamp"],
             "order": events["order"],
+            "value": events["value"],
         }
     )
 
@@ -126,7 +127,8 @@ def _user_rows(group: pa.Table, options: SequenceOptions) -> pa.Table:
     if rows.num_rows == 0:  # every event of this user was a rare item
         rows = pa.Table.from_pylist(
             [{"user_id": group["user_id"][0].as_py(), "items": [], "timestamps": [], "train_items": [],
-              "valid_item": 0, "test_item": 0, "n_events": 0, "n_duplicates": 0, "n_truncated": 0, "short": True}],
+              "valid_item": 0, "test_item": 0, "values": [], "valid_value": None, "test_value": None,
+              "n_events": 0, "n_duplicates": 0, "n_truncated": 0, "short": True}],
             schema=rows.schema,
         )  # fmt: skip
     return rows

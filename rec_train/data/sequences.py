@@ -21,6 +21,9 @@ SEQUENCE_SCHEMA = pa.schema(
         ("train_items", pa.list_(pa.int32())),
         ("valid_item", pa.int32()),
         ("test_item", pa.int32()),
+        ("values", pa.list_(pa.float32())),  # rating / weight per event of `items`; NaN where none
+        ("valid_value", pa.float32()),
+        ("test_value", pa.float32()),
     ]
 )
 # Rows out of `build_sequences`: the sequence columns (no user_index yet) + bookkeeping per user.
@@ -45,34 +48,31 @@ class SequenceOptions:
     drop_duplicates: bool = True
 
 
-def truncate(items: np.ndarray, timestamps: np.ndarray, max_len: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the `max_len` most recent events (arrays are oldest first)."""
+def truncate(items: np.ndarray, *aligned: np.ndarray, max_len: int | None) -> tuple[np.ndarray, ...]:
+    """Keep the `max_len` most recent events of `items` and of each aligned array (oldest first)."""
     if max_len is None or len(items) <= max_len:
-        return items, timestamps
-    return items[-max_len:], timestamps[-max_len:]
+        return (items, *aligned)
+    return tuple(a[-max_len:] for a in (items, *aligned))
 
 
-def split_leave_one_out(items: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """(train_items, valid_item, test_item): last = test, second to last = validation; 0 = none."""
-    test = int(items[-1]) if len(items) >= 1 else 0
-    valid = int(items[-2]) if len(items) >= 2 else 0
-    return items[:-2], valid, test
+def split_leave_one_out(n: int) -> tuple[int, int, int]:
+    """(training prefix length, validation position, test position) of n events; -1 = none.
+    The last event is the test target, the one before it the validation target."""
+    return max(n - 2, 0), (n - 2 if n >= 2 else -1), (n - 1 if n >= 1 else -1)
 
 
-def split_by_time(
-    items: np.ndarray, timestamps: np.ndarray, valid_cutoff: int, test_cutoff: int
-) -> tuple[np.ndarray, int, int]:
-    """Train: events before `valid_cutoff`; validation: first in [valid, test); test: first >= test."""
-    train = items[timestamps < valid_cutoff]
+def split_by_time(timestamps: np.ndarray, valid_cutoff: int, test_cutoff: int) -> tuple[int, int, int]:
+    """Like `split_leave_one_out` for time-ordered events: training = before `valid_cutoff`, validation =
+    the first event in [valid_cutoff, test_cutoff), test = the first at or after `test_cutoff`."""
     in_valid = np.flatnonzero((timestamps >= valid_cutoff) & (timestamps < test_cutoff))
     in_test = np.flatnonzero(timestamps >= test_cutoff)
-    valid = int(items[in_valid[0]]) if len(in_valid) else 0
-    test = int(items[in_test[0]]) if len(in_test) else 0
-    return train, valid, test
+    n_train = int(np.count_nonzero(timestamps < valid_cutoff))
+    return n_train, (int(in_valid[0]) if len(in_valid) else -1), (int(in_test[0]) if len(in_test) else -1)
 
 
 def build_sequences(events: pa.Table, options: SequenceOptions) -> pa.Table:
-    """Events (`user_id`, `item_index`, `timestamp`, `order`) -> one `USER_ROW_SCHEMA` row per user.
+    """Events (`user_id`, `item_index`, `timestamp`, `order`, optional `value`) -> one `USER_ROW_SCHEMA`
+    row per user.
 
     Events are ordered by time, ties by input order; duplicates are repeated (item, timestamp)
     pairs of a user, counted per user and removed when `options.drop_duplicates`.
@@ -81,34 +81,43 @@ def build_sequences(events: pa.Table, options: SequenceOptions) -> pa.Table:
     items = events["item_index"].to_numpy().astype(np.int32)
     times = events["timestamp"].to_numpy().astype(np.int64)
     order = events["order"].to_numpy()
+    if "value" in events.column_names:
+        values = events["value"].to_numpy(zero_copy_only=False).astype(np.float32)  # null -> NaN
+    else:
+        values = np.full(len(items), np.nan, np.float32)
     perm = np.lexsort((order, times, user_codes))
-    user_codes, items, times = user_codes[perm], items[perm], times[perm]
+    user_codes, items, times, values = user_codes[perm], items[perm], times[perm], values[perm]
 
     repeated = pd.DataFrame({"u": user_codes, "i": items, "t": times}).duplicated().to_numpy()
     n_duplicates = np.bincount(user_codes[repeated], minlength=len(users))
     if options.drop_duplicates:
-        user_codes, items, times = user_codes[~repeated], items[~repeated], times[~repeated]
+        user_codes, items, times, values = (a[~repeated] for a in (user_codes, items, times, values))
     bounds = np.searchsorted(user_codes, np.arange(len(users) + 1))  # user u: rows bounds[u]:bounds[u+1]
 
-    seq_items, seq_times, train_items = [], [], []
+    seq_items, seq_times, seq_values, train_items = [], [], [], []
     valid, test = np.zeros(len(users), np.int32), np.zeros(len(users), np.int32)
+    valid_value, test_value = np.full(len(users), np.nan, np.float32), np.full(len(users), np.nan, np.float32)
     n_events = np.diff(bounds)
     n_truncated = np.zeros(len(users), np.int64)
     for u in range(len(users)):
-        user_items, user_times = truncate(
-            items[bounds[u] : bounds[u + 1]], times[bounds[u] : bounds[u + 1]], options.max_seq_len
+        rows = slice(bounds[u], bounds[u + 1])
+        user_items, user_times, user_values = truncate(
+            items[rows], times[rows], values[rows], max_len=options.max_seq_len
         )
         n_truncated[u] = n_events[u] - len(user_items)
         if options.split == "time":
             assert options.valid_cutoff is not None and options.test_cutoff is not None
-            train, valid[u], test[u] = split_by_time(
-                user_items, user_times, options.valid_cutoff, options.test_cutoff
-            )
+            n_train, v, t = split_by_time(user_times, options.valid_cutoff, options.test_cutoff)
         else:
-            train, valid[u], test[u] = split_leave_one_out(user_items)
+            n_train, v, t = split_leave_one_out(len(user_items))
+        if v >= 0:
+            valid[u], valid_value[u] = user_items[v], user_values[v]
+        if t >= 0:
+            test[u], test_value[u] = user_items[t], user_values[t]
         seq_items.append(user_items)
         seq_times.append(user_times)
-        train_items.append(train)
+        seq_values.append(user_values)
+        train_items.append(user_items[:n_train])
 
     def lists(arrays: list[np.ndarray], dtype: pa.DataType) -> pa.Array:
         offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
@@ -123,6 +132,9 @@ def build_sequences(events: pa.Table, options: SequenceOptions) -> pa.Table:
             lists(train_items, pa.int32()),
             pa.array(valid),
             pa.array(test),
+            lists(seq_values, pa.float32()),
+            pa.array(valid_value),
+            pa.array(test_value),
             pa.array(n_events, pa.int64()),
             pa.array(n_duplicates, pa.int64()),
             pa.array(n_truncated),

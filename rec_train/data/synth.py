@@ -9,6 +9,8 @@ encoder sees which items are alike. Popularity is Zipf-distributed. Each user ha
 over clusters; each next event either follows the domain's cluster-to-cluster transition (with
 probability `follow`) or is drawn from the user's taste, and the item within the cluster is drawn
 by popularity. A sequence model can learn the transitions; popularity cannot, so it loses clearly.
+Each event has a `rating` (1 to 5): high for items of the clusters that fill much of the user's log,
+low for the others, plus noise, so a model that reads the history can predict it (pointwise fine-tuning).
 
 `domain` changes the transition order and the users (different tastes) over the very same items
 (items depend only on `seed`, `items` and `clusters`), giving a shifted domain to fine-tune on.
@@ -72,6 +74,7 @@ MIN_EVENTS_PER_USER = 5
 EVENTS_PER_CHUNK = 2_000_000
 OVERSAMPLE = 2.5  # draw more than needed, then drop repeated items of a user
 SECONDS_PER_YEAR = 365 * 24 * 3600
+RATING_NOISE = 0.5  # standard deviation of the rating noise, in stars
 
 
 class SynthConfig(StrictModel):
@@ -165,8 +168,8 @@ def _sample_rows(cum: np.ndarray, rows: np.ndarray, rng: np.random.Generator) ->
 
 def generate_chunk(
     cfg: SynthConfig, lengths: np.ndarray, first_user: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(user numbers, item numbers, timestamps) for users first_user.. with `lengths` events each."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(user numbers, item numbers, timestamps, ratings) for users first_user.. with `lengths` events each."""
     cluster, weight = item_clusters(cfg)
     order = transition_order(cfg)
     place = np.argsort(order)  # place[c]: position of cluster c in the cyclic order
@@ -214,7 +217,13 @@ def generate_chunk(
     user_start = np.searchsorted(user, user)
     cum_gaps = np.cumsum(gaps)
     times = begin[user] + cum_gaps - cum_gaps[user_start]
-    return user + first_user, items, times
+
+    # ratings: 1 star + up to 4 more by how much of the user's log is in the item's cluster, plus noise
+    shares = np.bincount(user * cfg.clusters + cluster[items], minlength=n_users * cfg.clusters)
+    shares = shares.reshape(n_users, cfg.clusters).astype(np.float64)  # [U, C] events per cluster
+    liking = shares[user, cluster[items]] / shares[user].max(axis=1)  # [T] in (0, 1]
+    ratings = np.clip(np.rint(1 + 4 * liking + rng.normal(0, RATING_NOISE, len(user))), 1, 5)
+    return user + first_user, items, times, ratings.astype(np.float32)
 
 
 def synth(cfg: SynthConfig) -> dict[str, Any]:
@@ -232,7 +241,9 @@ def synth(cfg: SynthConfig) -> dict[str, Any]:
     prefix = "u" if cfg.domain == 0 else f"d{cfg.domain}u"
     user_ids = pa.array([f"{prefix}{u}" for u in range(cfg.users)], pa.string())
     item_ids = items["item_id"].combine_chunks()
-    schema = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("timestamp", pa.int64())])
+    schema = pa.schema(
+        [("user_id", pa.string()), ("item_id", pa.string()), ("timestamp", pa.int64()), ("rating", pa.float32())]
+    )
     written = 0
     with (
         out.fs.open_output_stream(out.join("events.parquet").path) as f,
@@ -242,9 +253,9 @@ def synth(cfg: SynthConfig) -> dict[str, Any]:
         while first < cfg.users:
             last = int(np.searchsorted(np.cumsum(lengths[first:]), EVENTS_PER_CHUNK)) + first + 1
             last = min(max(last, first + 1), cfg.users)
-            user, item, times = generate_chunk(cfg, lengths[first:last], first, rng)
+            user, item, times, ratings = generate_chunk(cfg, lengths[first:last], first, rng)
             table = pa.Table.from_arrays(
-                [user_ids.take(user), item_ids.take(item), pa.array(times)], schema=schema
+                [user_ids.take(user), item_ids.take(item), pa.array(times), pa.array(ratings)], schema=schema
             )
             writer.write_table(table, row_group_size=EVENTS_PER_CHUNK)
             written += table.num_rows

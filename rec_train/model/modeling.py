@@ -15,13 +15,14 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from rec_train.model.configuration import RecConfig
+from rec_train.model.configuration import POINTWISE_HEADS, RecConfig
 from rec_train.model.encoders import build_encoder
 
 
 @dataclass
 class RecOutput(ModelOutput):
-    """`loss` (when labels or targets are given), `hidden_states` [B, L, d], `pointwise_logits` [B]."""
+    """`loss` (when labels or targets are given), `hidden_states` [B, L, d], `pointwise_logits` [B] (or
+    [M], one per non-zero candidate, for candidates [B, L])."""
 
     loss: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
@@ -178,7 +179,9 @@ class RecModel(RecPreTrainedModel):
         **kwargs,
     ) -> RecOutput:
         """Next-item (or masked-item) training with `labels` [B, L]; the pointwise head with
-        `candidates` [B] and `targets` [B] (ratings for "rating", 0/1 for "click").
+        `candidates` [B] and `targets` [B] (ratings for "rating", 0/1 for "click"), or, for causal encoders,
+        `candidates` [B, L] and `targets` [B, L] with `candidates[b, t]` the item rated after position t
+        (0 = none), as `labels` in next-item training.
 
         For `objective="masked_item"`, `labels` is the sequence that gets masked: the history shifted by
         one, so it ends with the newest item. In training a `mask_prob` share of its items and always
@@ -219,15 +222,26 @@ class RecModel(RecPreTrainedModel):
             raise ValueError(
                 "this model has no pointwise head: set model.pointwise_head to 'rating' or 'click'"
             )
-        users = self._user_vectors(input_ids, attention_mask)  # [B, d]
-        logits = self.pointwise(users, self.items(candidates))  # [B]
+        hidden = None
+        if candidates.dim() == 1:
+            users = self._user_vectors(input_ids, attention_mask)  # [B, d]
+        else:  # every position at once: the state after position t rates the candidate at t
+            if not self.config.is_causal:
+                raise ValueError("candidates [B, L] need a causal encoder (llama, sasrec or hstu)")
+            hidden = self._encode(self.items(input_ids), attention_mask)  # [B, L, d]
+            at = candidates != 0  # [B, L]
+            users, candidates = hidden[at], candidates[at]  # [M, d], [M]
+            targets = targets[at] if targets is not None else None
+        logits = self.pointwise(users, self.items(candidates))  # [B] or [M]
         loss = None
-        if targets is not None:
+        if targets is not None and targets.numel() == 0:
+            loss = logits.sum() * 0.0  # no candidate in this batch
+        elif targets is not None:
             if self.config.pointwise_head == "rating":
                 loss = F.mse_loss(logits, targets.to(logits.dtype))
             else:
                 loss = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
-        return RecOutput(loss=loss, pointwise_logits=logits)
+        return RecOutput(loss=loss, hidden_states=hidden, pointwise_logits=logits)
 
     def _item_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Softmax over items for hidden [M, d] with target items [M] (only positions that have one)."""
@@ -356,6 +370,18 @@ class RecModel(RecPreTrainedModel):
                 "(num_items + 1, text_dim): embed the same prepared dataset the model was built for"
             )
         self.items.text_embeddings.copy_(embeddings)
+
+    @torch.no_grad()
+    def add_pointwise_head(self, kind: str, bias: float = 0.0) -> None:
+        """Put a fresh pointwise head on the model ("rating": MSE, "click": BCE on logits), its output
+        starting at `bias` (the mean rating, or the log-odds of a click), e.g. before fine-tuning."""
+        if kind not in POINTWISE_HEADS:
+            raise ValueError(f"pointwise head {kind!r} is not one of {', '.join(POINTWISE_HEADS)}")
+        self.config.pointwise_head = kind
+        head = PointwiseHead(self.config.hidden_size).to(self.item_counts.device)
+        head.apply(self._init_weights)
+        head.out_proj.bias.fill_(bias)
+        self.pointwise = head
 
     @torch.no_grad()
     def set_item_counts(self, counts: torch.Tensor) -> None:

@@ -7,6 +7,7 @@ recent item sits at -1. Evaluation: the history and the held-out target of one s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -16,7 +17,18 @@ import torch
 from rec_train.data.collate import pad_left
 
 TRAIN_COLUMNS = ["user_index", "train_items", "valid_item", "test_item"]
+VALUE_COLUMNS = ["values", "valid_value", "test_value"]  # pointwise fine-tuning also reads these
 SPLITS = ("valid", "test")
+
+
+def task_columns(task: str) -> list[str]:
+    """The sequence columns a training task reads."""
+    return TRAIN_COLUMNS if task == "next_item" else TRAIN_COLUMNS + VALUE_COLUMNS
+
+
+def pointwise_target(value: float, task: str, click_threshold: float) -> float:
+    """The regression target (rating) or 0/1 label (click) of an event value."""
+    return value if task == "rating" else float(value >= click_threshold)
 
 
 def training_sequence(train_items: list[int], valid_item: int, include_valid: bool) -> list[int]:
@@ -37,6 +49,37 @@ def training_batch(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def pointwise_batch(
+    rows: pa.RecordBatch | pa.Table, max_len: int, include_valid: bool, task: str, click_threshold: float
+) -> dict[str, torch.Tensor]:
+    """`input_ids`, `attention_mask`, `candidates`, `targets`, each [B, L]: the state after position t rates
+    the next item `candidates[b, t]`; events without a value (NaN) get candidate 0 (no loss)."""
+    inputs, candidates, targets = [], [], []
+    columns = zip(
+        rows["train_items"].to_pylist(), rows["valid_item"].to_pylist(),
+        rows["values"].to_pylist(), rows["valid_value"].to_pylist(), strict=True,
+    )  # fmt: skip
+    for items, valid, values, valid_value in columns:
+        seq = training_sequence(items, valid, include_valid)[-(max_len + 1) :]
+        # `values` follows the user's whole sequence, of which `train_items` is the start
+        vals = [*values[: len(items)], *([valid_value] if include_valid and valid else [])][-(max_len + 1) :]
+        rated = [v is not None and math.isfinite(v) for v in vals[1:]]
+        inputs.append(seq[:-1])
+        candidates.append([i if ok else 0 for i, ok in zip(seq[1:], rated, strict=True)])
+        targets.append(
+            [pointwise_target(v, task, click_threshold) if ok else 0.0 for v, ok in zip(vals[1:], rated, strict=True)]
+        )
+    input_ids, attention_mask = pad_left(inputs, max_len)  # [B, L]
+    candidate_ids, _ = pad_left(candidates, max_len)  # [B, L]
+    width = input_ids.shape[1]
+    target_values = torch.zeros(len(targets), width)  # [B, L]
+    for b, t in enumerate(targets):
+        if t:
+            target_values[b, width - len(t) :] = torch.tensor(t)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "candidates": candidate_ids,
+            "targets": target_values}  # fmt: skip
+
+
 def trainable_rows(rows: pa.Table, include_valid: bool) -> pa.Table:
     """Users with at least two training items (one input, one label); the others give no loss."""
     length = pc.list_value_length(rows["train_items"]).fill_null(0)
@@ -51,6 +94,38 @@ class EvalBatch:
     attention_mask: torch.Tensor  # [B, L]
     seen: torch.Tensor  # [B, H] the whole history, excluded from the candidates
     targets: torch.Tensor  # [B]
+
+
+@dataclass
+class PointwiseEvalBatch:
+    input_ids: torch.Tensor  # [B, L] history, left-padded
+    attention_mask: torch.Tensor  # [B, L]
+    candidates: torch.Tensor  # [B] the split's target item
+    targets: torch.Tensor  # [B] its rating or 0/1 click
+
+
+def pointwise_eval_batch(
+    rows: pa.RecordBatch | pa.Table, split: str, max_len: int, task: str, click_threshold: float
+) -> PointwiseEvalBatch | None:
+    """History of `split` (as `eval_batch`) and the split's target item with its value; users whose target
+    has no value are not evaluated. None when no user of `rows` is."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    histories, candidates, targets = [], [], []
+    for items, valid, test, valid_value, test_value in zip(
+        rows["train_items"].to_pylist(), rows["valid_item"].to_pylist(), rows["test_item"].to_pylist(),
+        rows["valid_value"].to_pylist(), rows["test_value"].to_pylist(), strict=True,
+    ):  # fmt: skip
+        history = training_sequence(items, valid, include_valid=split == "test")
+        target, value = (valid, valid_value) if split == "valid" else (test, test_value)
+        if target and history and value is not None and math.isfinite(value):
+            histories.append(history)
+            candidates.append(target)
+            targets.append(pointwise_target(value, task, click_threshold))
+    if not targets:
+        return None
+    input_ids, attention_mask = pad_left(histories, max_len)  # [B, L]
+    return PointwiseEvalBatch(input_ids, attention_mask, torch.tensor(candidates), torch.tensor(targets))
 
 
 def eval_batch(rows: pa.RecordBatch | pa.Table, split: str, max_len: int) -> EvalBatch | None:

@@ -14,6 +14,9 @@ from pydantic import Field, model_validator
 from rec_train.config import StrictModel
 
 METRIC_RE = re.compile(r"^(hr|ndcg)@(\d+)$|^mrr$")
+# Pointwise fine-tuning tasks -> the validation metrics that can pick their checkpoints.
+POINTWISE_METRICS = {"rating": ("rmse", "mae"), "click": ("auc", "logloss")}
+LOWER_IS_BETTER = frozenset({"rmse", "mae", "logloss"})
 
 
 class DataSection(StrictModel):
@@ -81,7 +84,9 @@ class EvalSection(StrictModel):
     every_epochs: int = Field(1, ge=1)
     ks: list[int] = Field(default_factory=lambda: [10, 50])
     metric: str = Field(
-        "ndcg@10", description="validation metric that picks checkpoints: hr@K, ndcg@K or mrr"
+        "ndcg@10",
+        description="validation metric that picks checkpoints: hr@K, ndcg@K or mrr (next item); "
+        "rmse or mae (finetune.task=rating); auc or logloss (finetune.task=click)",
     )
     patience: int | None = Field(None, ge=1, description="stop after this many evaluations without gain")
     batch_size: int = Field(256, ge=1)
@@ -89,9 +94,12 @@ class EvalSection(StrictModel):
     @model_validator(mode="after")
     def _check_metric(self) -> EvalSection:
         m = METRIC_RE.match(self.metric)
-        if m is None:
-            raise ValueError(f"eval.metric={self.metric!r} must look like ndcg@10, hr@10 or mrr")
-        if m.group(2) is not None and int(m.group(2)) not in self.ks:
+        pointwise = [name for names in POINTWISE_METRICS.values() for name in names]
+        if m is None and self.metric not in pointwise:
+            raise ValueError(
+                f"eval.metric={self.metric!r} must look like ndcg@10, hr@10 or mrr, or be one of {pointwise}"
+            )
+        if m is not None and m.group(2) is not None and int(m.group(2)) not in self.ks:
             raise ValueError(f"eval.metric={self.metric!r} needs {m.group(2)} in eval.ks (got {self.ks})")
         if any(k < 1 for k in self.ks):
             raise ValueError(f"eval.ks must be positive (got {self.ks})")
@@ -108,6 +116,9 @@ class ScalingSection(StrictModel):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra custom resources")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement group strategy of the workers (SPREAD: one per node where possible)"
+    )
 
 
 class RunSection(StrictModel):
@@ -120,7 +131,15 @@ class RunSection(StrictModel):
 
 class FinetuneSection(StrictModel):
     """Fine-tuning a pre-trained model (`rec-train finetune --from URI`): next-item prediction on the new
-    dataset (a new domain or time window) with a freeze policy or LoRA; set a lower optim.lr."""
+    dataset (a new domain or time window), or a pointwise rating / click task on the events' values, with
+    a freeze policy or LoRA; set a lower optim.lr."""
+
+    task: Literal["next_item", "rating", "click"] = Field(
+        "next_item",
+        description="next_item: softmax over items; rating: regress each event's value (MSE); click: "
+        "value >= click_threshold is a click (BCE). Pointwise tasks add a head over (user state, item)",
+    )
+    click_threshold: float = Field(0.5, description="finetune.task=click: a value at or above this is a click")
 
     freeze: Literal["none", "embeddings", "backbone", "all_but_top_n"] = Field(
         "none", description="rec_train.model.peft_utils freeze policy"
@@ -143,6 +162,28 @@ class TrainConfig(StrictModel):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     run: RunSection = Field(default_factory=RunSection)
     finetune: FinetuneSection | None = None
+
+    @model_validator(mode="after")
+    def _check_task_metric(self) -> TrainConfig:
+        task = self.task
+        ranking = METRIC_RE.match(self.eval.metric) is not None
+        if task == "next_item" and not ranking:
+            raise ValueError(f"eval.metric={self.eval.metric!r} is for pointwise fine-tuning (finetune.task)")
+        if task != "next_item" and self.eval.metric not in POINTWISE_METRICS[task]:
+            raise ValueError(
+                f"finetune.task={task} needs eval.metric in {list(POINTWISE_METRICS[task])} "
+                f"(got {self.eval.metric!r})"
+            )
+        return self
+
+    @property
+    def task(self) -> str:
+        return self.finetune.task if self.finetune is not None else "next_item"
+
+    @property
+    def metric_order(self) -> Literal["max", "min"]:
+        """Whether a higher (`max`) or lower (`min`) eval.metric is better."""
+        return "min" if self.eval.metric in LOWER_IS_BETTER else "max"
 
     @property
     def eval_split(self) -> str:

@@ -16,8 +16,8 @@ import pyarrow.compute as pc
 import torch
 
 from rec_train.model import RecModel
-from rec_train.train.batches import SPLITS, EvalBatch, eval_batch
-from rec_train.train.metrics import metrics_from_histogram, rank_histogram, target_ranks
+from rec_train.train.batches import SPLITS, EvalBatch, eval_batch, pointwise_eval_batch
+from rec_train.train.metrics import metrics_from_histogram, pointwise_metrics, rank_histogram, target_ranks
 
 ScoreFn = Callable[[EvalBatch], torch.Tensor]  # batch -> scores [B, N + 1]
 
@@ -59,6 +59,48 @@ def split_histogram(
         if batch is not None:
             hist += rank_histogram(target_ranks(score(batch), batch.targets, batch.seen), num_items)
     return hist
+
+
+@torch.no_grad()
+def pointwise_predictions(
+    model: RecModel,
+    batches: Iterable[pa.RecordBatch | pa.Table],
+    split: str,
+    task: str,
+    click_threshold: float,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [U], targets [U]) of the pointwise head on each user's `split` target that has a value."""
+    logits, targets = [torch.zeros(0)], [torch.zeros(0)]
+    for rows in batches:
+        batch = pointwise_eval_batch(rows, split, model.config.max_seq_len, task, click_threshold)
+        if batch is not None:
+            out = model(
+                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                candidates=batch.candidates.to(device),
+            )  # fmt: skip
+            logits.append(out.pointwise_logits.float().cpu())
+            targets.append(batch.targets.float())
+    return torch.cat(logits), torch.cat(targets)
+
+
+@torch.no_grad()
+def evaluate_pointwise(
+    model: RecModel, sequences: pa.Table, split: str = "test", click_threshold: float = 0.5, batch_size: int = 256
+) -> dict[str, float]:
+    """RMSE/MAE (a "rating" head) or AUC/log loss (a "click" head) on `split` of a sequences table."""
+    _check_split(split)
+    task = model.config.pointwise_head
+    if task is None:
+        raise ValueError("this model has no pointwise head: fine-tune it with finetune.task=rating or click")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logits, targets = pointwise_predictions(
+        model, sequences.to_batches(batch_size), split, task, click_threshold, device
+    )
+    model.train(was_training)
+    return pointwise_metrics(logits.numpy(), targets.numpy(), task)
 
 
 def _check_split(split: str) -> None:
@@ -127,6 +169,9 @@ def run(args: argparse.Namespace) -> int:
     sequences = read_sequences(data)
     result: dict[str, object] = {"model": args.model, "data": data, "split": args.split}
     result.update(evaluate_model(model, sequences, args.split, args.ks, args.batch_size))
+    if model.config.pointwise_head is not None:  # fine-tuned for ratings or clicks: the head's metrics too
+        threshold = ((info.get("config") or {}).get("finetune") or {}).get("click_threshold", 0.5)
+        result.update(evaluate_pointwise(model, sequences, args.split, threshold, args.batch_size))
     if args.baseline:
         popular = evaluate_popularity(sequences, model.config.num_items, args.split, args.ks, args.batch_size)
         result.update({f"popularity_{k}": v for k, v in popular.items()})

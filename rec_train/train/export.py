@@ -35,7 +35,7 @@ def export(
 ) -> dict[str, Any]:
     """Write the exported model folder; returns its `rayrec.json` figures and metrics."""
     from rec_train.data.dataset import load_manifest, read_items, read_sequences
-    from rec_train.train.evaluate import evaluate_model
+    from rec_train.train.evaluate import evaluate_model, evaluate_pointwise
 
     src = storage.resolve(checkpoint_uri)
     if not ckpt.is_checkpoint(src):
@@ -59,8 +59,11 @@ def export(
         metrics: dict[str, Any] = {"checkpoint_metrics": state["metrics"]}
         if evaluate:
             ks = run["config"].get("eval", {}).get("ks", [10, 50])
-            metrics["valid"] = evaluate_model(model, sequences, "valid", ks, batch_size)
-            metrics["test"] = evaluate_model(model, sequences, "test", ks, batch_size)
+            threshold = (run["config"].get("finetune") or {}).get("click_threshold", 0.5)
+            for split in ("valid", "test"):
+                metrics[split] = evaluate_model(model, sequences, split, ks, batch_size)
+                if model.config.pointwise_head is not None:  # the rating / click head's metrics too
+                    metrics[split].update(evaluate_pointwise(model, sequences, split, threshold, batch_size))
         histories = pa.table(
             {"user_id": sequences["user_id"], "items": sequences["items"].cast(pa.list_(pa.int32()))}
         )

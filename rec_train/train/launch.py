@@ -17,10 +17,14 @@ import threading
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from rec_train import storage
 from rec_train.config import load_config
-from rec_train.errors import RayrecError
-from rec_train.train.batches import TRAIN_COLUMNS, trainable_rows
+from rec_train.errors import DataError, RayrecError
+from rec_train.train.batches import task_columns, trainable_rows
 from rec_train.train.config import FinetuneSection, TrainConfig
 
 AWS_ENV = (
@@ -74,6 +78,31 @@ def _progress(run_uri: str, epochs: int, done: threading.Event) -> None:
     bar.close()
 
 
+def _target_sums(rows: pa.Table, task: str, click_threshold: float) -> pa.Table:
+    values = pc.list_flatten(rows["values"]).to_numpy(zero_copy_only=False).astype(np.float64)
+    values = values[np.isfinite(values)]
+    targets = values if task == "rating" else (values >= click_threshold).astype(np.float64)
+    return pa.table({"total": [float(targets.sum())], "count": [len(targets)]})
+
+
+def target_mean(sequences: Any, config: TrainConfig) -> float:
+    """The mean rating (or click rate) over the events of a Ray dataset of sequences; a clear error when
+    the dataset has no values."""
+    assert config.finetune is not None
+    sums = sequences.map_batches(
+        _target_sums, fn_kwargs={"task": config.task, "click_threshold": config.finetune.click_threshold},
+        batch_format="pyarrow",
+    ).to_pandas()  # fmt: skip
+    count = int(sums["count"].sum())
+    if count == 0:
+        raise DataError(
+            f"{config.data.path}: no event has a value, but finetune.task={config.task} learns from them; "
+            "prepare it with the events' value column named (`rec-train prepare ... columns.value=rating`; "
+            "MovieLens ratings are read as values)"
+        )
+    return float(sums["total"].sum()) / count
+
+
 def launch(config: TrainConfig, init_from: str | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Run training on Ray (starting a local Ray when none is running); returns the run's figures."""
     import ray
@@ -107,10 +136,11 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
             )
 
     include_valid = config.data.include_valid
-    train = ray_dataset(config.data.path, columns=TRAIN_COLUMNS).map_batches(
+    columns = task_columns(config.task)
+    train = ray_dataset(config.data.path, columns=columns).map_batches(
         lambda t: trainable_rows(t, include_valid), batch_format="pyarrow", zero_copy_batch=True
     )
-    evaluation = ray_dataset(config.data.path, columns=TRAIN_COLUMNS)
+    evaluation = ray_dataset(config.data.path, columns=columns)
     score = "epoch" if include_valid else f"{config.eval_split}_{config.eval.metric}"
     resources = {"CPU": config.scaling.cpus_per_worker, **config.scaling.resources_per_worker}
     if config.scaling.use_gpu:
@@ -120,15 +150,22 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
         train_loop_config={
             "config": config.model_dump(mode="json"), "init_from": init_from, "run_uri": run_uri,
             "num_items": num_items, "max_seq_len": max_seq_len, "steps_per_epoch": steps_per_epoch,
+            "target_mean": target_mean(train, config) if config.task != "next_item" else None,
         },
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=config.scaling.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=config.scaling.placement_strategy,
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=runs.path,
             storage_filesystem=runs.fs if runs.is_s3 else None,
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=config.checkpoint.keep, checkpoint_score_attribute=score, checkpoint_score_order="max"
+                num_to_keep=config.checkpoint.keep, checkpoint_score_attribute=score,
+                checkpoint_score_order="max" if include_valid else config.metric_order,
             ),
             worker_runtime_env={"env_vars": env} if env else None,
         ),

@@ -26,11 +26,11 @@ import torch.distributed as dist
 from rec_train import storage
 from rec_train.data.dataset import read_items
 from rec_train.train import checkpoint as ckpt
-from rec_train.train.batches import training_batch
+from rec_train.train.batches import pointwise_batch, training_batch
 from rec_train.train.config import TrainConfig
 from rec_train.train.deepspeed_config import deepspeed_config
-from rec_train.train.evaluate import model_scores, split_histogram
-from rec_train.train.metrics import metrics_from_histogram
+from rec_train.train.evaluate import model_scores, pointwise_predictions, split_histogram
+from rec_train.train.metrics import metrics_from_histogram, pointwise_metrics
 from rec_train.train.model_init import apply_finetune_policy, build_model
 from rec_train.train.optim import build_optimizer, lr_lambda
 
@@ -65,7 +65,8 @@ def read_metrics(run_uri: str) -> list[dict[str, Any]]:
 
 
 class Evaluator:
-    """Full-ranking metrics of the engine's weights on this worker's users, all-reduced over workers."""
+    """Full-ranking metrics of the engine's weights on this worker's users, all-reduced over workers; for a
+    pointwise task, the head's metrics over every worker's predictions (gathered)."""
 
     def __init__(self, engine: Any, config: TrainConfig, max_seq_len: int, device: torch.device) -> None:
         self.engine, self.config, self.max_seq_len, self.device = engine, config, max_seq_len, device
@@ -84,10 +85,19 @@ class Evaluator:
             rows = ray.train.get_dataset_shard("eval").iter_batches(
                 batch_size=self.config.eval.batch_size, batch_format="pyarrow", prefetch_batches=1
             )
-            hist = split_histogram(
-                model_scores(scorer, self.device), rows, split, self.max_seq_len, module.config.num_items
-            )
+            if self.config.task != "next_item":
+                threshold = self.config.finetune.click_threshold if self.config.finetune else 0.5
+                local = pointwise_predictions(scorer, rows, split, self.config.task, threshold, self.device)
+            else:
+                hist = split_histogram(
+                    model_scores(scorer, self.device), rows, split, self.max_seq_len, module.config.num_items
+                )
         module.train()
+        if self.config.task != "next_item":
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, [t.numpy() for t in local])
+            logits, targets = (np.concatenate([g[i] for g in gathered]) for i in range(2))
+            return pointwise_metrics(logits, targets, self.config.task, prefix=prefix)
         hist = hist.to(self.device)
         dist.all_reduce(hist)  # int64 counts: the sum is exact
         return metrics_from_histogram(hist.cpu(), self.config.eval.ks, prefix=prefix)
@@ -119,7 +129,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     # ---- model, engine --------------------------------------------------------------------------
     torch.manual_seed(config.train.seed)  # the same initial weights on every worker
     items = read_items(config.data.path)
-    model = build_model(config, payload["num_items"], payload["max_seq_len"], items, payload["init_from"])
+    model = build_model(
+        config, payload["num_items"], payload["max_seq_len"], items, payload["init_from"], payload["target_mean"]
+    )
     model_config = model.config
     if config.finetune is not None:
         model = apply_finetune_policy(model, config.finetune)
@@ -158,6 +170,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     evaluate = Evaluator(engine, config, max_seq_len, device)
     split = config.eval_split
     metric_key = f"{split}_{config.eval.metric}"
+    sign = 1 if config.metric_order == "max" else -1  # higher is better, or lower (rmse, mae, logloss)
     train_shard = ray.train.get_dataset_shard("train")
 
     # ---- epochs ---------------------------------------------------------------------------------
@@ -171,7 +184,12 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             local_shuffle_seed=seed + epoch if config.data.shuffle_buffer else None,
         )  # fmt: skip
         for rows in rows_iter:
-            batch = training_batch(rows, max_seq_len, config.data.include_valid)
+            if config.task == "next_item":
+                batch = training_batch(rows, max_seq_len, config.data.include_valid)
+            else:
+                batch = pointwise_batch(
+                    rows, max_seq_len, config.data.include_valid, config.task, config.finetune.click_threshold
+                )
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss = engine(**batch).loss
             engine.backward(loss)
@@ -197,7 +215,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             metrics.update(evaluate(split, f"{split}_"))
             if not config.data.include_valid:  # test targets never choose a model
                 value = metrics[metric_key]
-                if state.best_metric is None or value > state.best_metric:
+                if state.best_metric is None or sign * value > sign * state.best_metric:
                     state.best_metric, state.best_epoch, state.evals_without_gain = value, epoch, 0
                 else:
                     state.evals_without_gain += 1
@@ -222,7 +240,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     if config.data.include_valid:
         chosen = max(reported, key=lambda r: r.metrics["epoch"])
     else:
-        chosen = max(reported, key=lambda r: (r.metrics[metric_key], -r.metrics["epoch"]))
+        chosen = max(reported, key=lambda r: (sign * r.metrics[metric_key], -r.metrics["epoch"]))
     with chosen.checkpoint.as_directory() as d:
         ckpt.restore(engine, Path(d), rank, rng=False)
     final = {"final": True, "epoch": state.epoch, "best_epoch": chosen.metrics["epoch"]}

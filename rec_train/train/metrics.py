@@ -46,3 +46,27 @@ def metrics_from_histogram(
         )
     out[f"{prefix}mrr"] = float((counts / ranks).sum() / users) if users else 0.0
     return out
+
+
+def pointwise_metrics(logits: np.ndarray, targets: np.ndarray, task: str, prefix: str = "") -> dict[str, float]:
+    """rating: RMSE and MAE of the predicted values; click: ROC AUC (ties count half) and log loss of the
+    logits against 0/1 labels. Plus `rated_users` (one target each)."""
+    logits, targets = np.asarray(logits, np.float64), np.asarray(targets, np.float64)
+    out: dict[str, float] = {f"{prefix}rated_users": len(targets)}
+    if len(targets) == 0:
+        return out
+    if task == "rating":
+        error = logits - targets
+        out[f"{prefix}rmse"] = float(np.sqrt(np.mean(error**2)))
+        out[f"{prefix}mae"] = float(np.mean(np.abs(error)))
+        return out
+    # log loss from logits: log(1 + e^-z) for clicks, log(1 + e^z) otherwise
+    out[f"{prefix}logloss"] = float(np.mean(np.logaddexp(0.0, np.where(targets > 0.5, -logits, logits))))
+    positives = targets > 0.5
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    if n_pos and n_neg:  # Mann-Whitney U from average ranks
+        values, inverse, counts = np.unique(logits, return_inverse=True, return_counts=True)
+        average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based, ties share their mean rank
+        u = average_rank[inverse][positives].sum() - n_pos * (n_pos + 1) / 2.0
+        out[f"{prefix}auc"] = float(u / (n_pos * n_neg))
+    return out

@@ -7,6 +7,7 @@ its rows are kept exactly and new items get new rows (from their text where the 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pyarrow as pa
@@ -56,9 +57,15 @@ def read_text_embeddings(data_path: str) -> torch.Tensor:
 
 
 def build_model(
-    config: TrainConfig, num_items: int, max_seq_len: int | None, items: pa.Table, init_from: str | None
+    config: TrainConfig,
+    num_items: int,
+    max_seq_len: int | None,
+    items: pa.Table,
+    init_from: str | None,
+    target_mean: float | None = None,
 ) -> RecModel:
-    """A fresh model of `config.model.size`, or the model at `init_from` grown to `num_items`."""
+    """A fresh model of `config.model.size`, or the model at `init_from` grown to `num_items`; for a
+    pointwise task, with a head of that kind (a new one starts at `target_mean`, the mean target)."""
     if init_from is None:
         fixed = {"num_items": num_items, **({"max_seq_len": max_seq_len} if max_seq_len else {})}
         model_config = build_config(config.model.size, **{**fixed, **config.model.overrides})
@@ -80,6 +87,12 @@ def build_model(
             text = read_text_embeddings(config.data.path) if model.config.uses_text else None
             model.resize_items(num_items, text)
         model.train()
+    if config.task != "next_item" and model.config.pointwise_head != config.task:
+        mean = 0.0 if target_mean is None else target_mean
+        if config.task == "click":  # the head outputs a logit: start at the log-odds of a click
+            rate = min(max(mean, 1e-4), 1 - 1e-4)
+            mean = math.log(rate / (1 - rate))
+        model.add_pointwise_head(config.task, mean)
     if model.config.negative_sampler == "popularity" or model.config.logq_correction:
         model.set_item_counts(item_counts(items, model.config.num_items))
     return model

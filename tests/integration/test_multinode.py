@@ -36,8 +36,9 @@ from rec_train.train.config import TrainConfig
 from rec_train.train.launch import launch
 
 BIN = Path(sys.executable).parent
-SLOT = "trainer_slot"  # one per worker node: a training worker needs one, so each lands on its own node
-NODE_ARGS = {"num_cpus": 1, "object_store_memory": 100 * 1024**2}
+SLOT = "trainer_slot"  # a training worker needs one, so training runs on the worker nodes only
+# Room for both training workers on one worker node: only the placement strategy spreads them.
+NODE_ARGS = {"num_cpus": 2, "object_store_memory": 100 * 1024**2, "resources": {SLOT: 2}}
 
 
 def free_port() -> int:
@@ -62,8 +63,8 @@ def processes_under(marker: str) -> list[int]:
 
 
 def worker_node(cluster: Cluster) -> Any:
-    """A worker node with one CPU and one training slot."""
-    return cluster.add_node(**NODE_ARGS, resources={SLOT: 1})
+    """A worker node with two CPUs and two training slots."""
+    return cluster.add_node(**NODE_ARGS)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,8 @@ def train_config(dataset: Path, runs: Path, name: str, epochs: int) -> TrainConf
             f"data.path={dataset}", f"run.storage={runs}", f"run.name={name}", f"train.epochs={epochs}",
             "model.size=tiny", "model.max_seq_len=50", "train.batch_size=32", "eval.ks=[10]",
             "deepspeed.zero_stage=2", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
-            f"scaling.resources_per_worker={{{SLOT}: 1}}", "run.max_failures=3",
+            f"scaling.resources_per_worker={{{SLOT}: 1}}", "scaling.placement_strategy=STRICT_SPREAD",
+            "run.max_failures=3", "checkpoint.every_epochs=1",
         ],
     )  # fmt: skip
 
@@ -213,7 +215,10 @@ def test_a_worker_node_removed_mid_training_is_survived(
     thread = threading.Thread(target=train)
     thread.start()
     deadline = time.monotonic() + 600
-    while not (run.is_dir() and any(run.glob("checkpoint_*"))):  # the first checkpoint is on disk
+    # The first checkpoint is registered (Ray Train's checkpoint manager snapshot lists it) and rank 0
+    # has logged its epoch: a restart from here must resume, not start over.
+    while not ((run / "checkpoint_manager_snapshot.json").is_file() and (run / "metrics.jsonl").is_file()
+               and any("loss" in r for r in metrics_records(run))):  # fmt: skip
         assert thread.is_alive() and time.monotonic() < deadline, outcome
         time.sleep(0.2)
     doomed = next(n for n in cluster.worker_nodes if n.node_id in train_worker_nodes(alive=True))

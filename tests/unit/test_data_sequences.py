@@ -28,22 +28,33 @@ def events(rows: list[tuple[str, int, int]]) -> pa.Table:
 
 
 def test_truncate_keeps_most_recent() -> None:
-    items, times = truncate(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 40]), 2)
+    items, times = truncate(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 40]), max_len=2)
     assert items.tolist() == [3, 4] and times.tolist() == [30, 40]
-    assert truncate(np.array([1, 2]), np.array([1, 2]), None)[0].tolist() == [1, 2]
+    assert truncate(np.array([1, 2]), np.array([1, 2]), max_len=None)[0].tolist() == [1, 2]
 
 
 def test_leave_one_out() -> None:
-    train, valid, test = split_leave_one_out(np.array([5, 6, 7, 8]))
-    assert (train.tolist(), valid, test) == ([5, 6], 7, 8)
-    assert split_leave_one_out(np.array([9]))[1:] == (0, 9)
+    assert split_leave_one_out(4) == (2, 2, 3)  # train items[:2], validation items[2], test items[3]
+    assert split_leave_one_out(1) == (0, -1, 0)
+    assert split_leave_one_out(0) == (0, -1, -1)
 
 
 def test_split_by_time_uses_first_event_of_each_window() -> None:
-    items, times = np.array([1, 2, 3, 4, 5]), np.array([10, 20, 30, 40, 50])
-    train, valid, test = split_by_time(items, times, valid_cutoff=25, test_cutoff=40)
-    assert (train.tolist(), valid, test) == ([1, 2], 3, 4)
-    assert split_by_time(items, times, 100, 200)[1:] == (0, 0)
+    times = np.array([10, 20, 30, 40, 50])
+    assert split_by_time(times, valid_cutoff=25, test_cutoff=40) == (2, 2, 3)
+    assert split_by_time(times, 100, 200) == (5, -1, -1)
+
+
+def test_values_follow_their_events_through_sorting_truncation_and_split() -> None:
+    table = events([("u", 3, 30), ("u", 1, 10), ("u", 2, 20), ("u", 4, 40), ("v", 5, 1)]).append_column(
+        "value", pa.array([3.0, 1.0, None, 4.0, 5.0])
+    )
+    u, v = build_sequences(table, SequenceOptions(max_seq_len=3)).to_pylist()
+    assert u["items"] == [2, 3, 4] and u["values"][1:] == [3.0, 4.0] and np.isnan(u["values"][0])
+    assert (u["valid_item"], u["valid_value"], u["test_item"], u["test_value"]) == (3, 3.0, 4, 4.0)
+    assert (v["test_value"], v["valid_item"]) == (5.0, 0) and np.isnan(v["valid_value"])
+    no_values = build_sequences(events([("u", 1, 1), ("u", 2, 2)]), SequenceOptions()).to_pylist()[0]
+    assert np.isnan(no_values["values"]).all() and np.isnan(no_values["test_value"])
 
 
 def test_build_sequences_orders_by_time_then_input_order() -> None:

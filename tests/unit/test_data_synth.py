@@ -49,7 +49,7 @@ def hit_rates(seqs: list[list[str]]) -> tuple[float, float]:
 
 def test_sizes_columns_and_titles(tmp_path: Path) -> None:
     summary, events, items = generate(tmp_path, "a", users=300, items=200, events=6000, seed=1)
-    assert events.column_names == ["user_id", "item_id", "timestamp"]
+    assert events.column_names == ["user_id", "item_id", "timestamp", "rating"]
     assert items.column_names[:3] == ["item_id", "title", "genres"]
     assert summary["events"] == events.num_rows and 0.97 * 6000 <= events.num_rows <= 6000
     assert len(set(events["user_id"].to_pylist())) == 300 and items.num_rows == 200
@@ -86,3 +86,15 @@ def test_sequence_signal_beats_popularity(tmp_path: Path) -> None:
 def test_too_few_events_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"events \(10\) must be at least 5 per user"):
         validate(SynthConfig, {"output": "x", "users": 10, "events": 10})
+
+
+def test_ratings_follow_how_much_of_the_users_log_is_in_the_genre(tmp_path: Path) -> None:
+    """Visible in the items alone: a genre that fills more of a user's log gets higher ratings."""
+    _, events, items = generate(tmp_path, "a", users=400, items=200, events=12_000, seed=2)
+    genre = dict(zip(items["item_id"].to_pylist(), items["genres"].to_pylist(), strict=True))
+    df = events.to_pandas()
+    assert set(df["rating"].unique()) <= {1.0, 2.0, 3.0, 4.0, 5.0} and df["rating"].std() > 0.8
+    df["genre"] = df["item_id"].map(genre)
+    counts = df.groupby(["user_id", "genre"])["item_id"].transform("size")
+    share = counts / df.assign(n=counts).groupby("user_id")["n"].transform("max")
+    assert np.corrcoef(share, df["rating"])[0, 1] > 0.6
