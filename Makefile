@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test test-long test-unit lint demo bench-prepare bench-train bench-serve bench-quality clean
+.PHONY: install test test-unit lint demo bench-prepare bench-train bench-serve bench-quality clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 -m "not long" $(PYTEST_ARGS) tests
-
-test-long: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=2400 -m long $(PYTEST_ARGS) tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 $(PYTEST_ARGS) tests
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit

@@ -114,9 +114,7 @@ def validate(model: type[T], data: dict[str, Any], source: str = "config") -> T:
         raise ConfigError(format_validation_error(model, err, source)) from None
 
 
-def load_config(
-    model: type[T], path: str | Path | None = None, overrides: list[str] | None = None
-) -> T:
+def load_config(model: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """YAML file (optional) + `a.b=c` overrides -> a validated `model`."""
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -52,6 +53,7 @@ def start_ray(keep_serving: bool) -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the demo prints its own steps
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset execution plans
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
         return
@@ -139,7 +141,7 @@ def show(answer: dict[str, Any], titles: dict[str, str], history: list[str]) -> 
     seen = ", ".join(titles.get(i, i) for i in history[-3:])
     print(f"    history (last 3): {seen}")
     for rank, item in enumerate(answer["items"], 1):
-        because = ", ".join(b.get("title") or b["item_id"] for b in item.get("because", [])) or "-"
+        because = ", ".join(titles.get(b, b) for b in item.get("because") or []) or "-"
         print(
             f"    {rank}. {item.get('title') or item['item_id']}  score={item['score']:.3f}  because: {because}"
         )

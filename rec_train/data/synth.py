@@ -242,7 +242,12 @@ def synth(cfg: SynthConfig) -> dict[str, Any]:
     user_ids = pa.array([f"{prefix}{u}" for u in range(cfg.users)], pa.string())
     item_ids = items["item_id"].combine_chunks()
     schema = pa.schema(
-        [("user_id", pa.string()), ("item_id", pa.string()), ("timestamp", pa.int64()), ("rating", pa.float32())]
+        [
+            ("user_id", pa.string()),
+            ("item_id", pa.string()),
+            ("timestamp", pa.int64()),
+            ("rating", pa.float32()),
+        ]
     )
     written = 0
     with (

@@ -77,7 +77,9 @@ def load_backbone(model: RecModel, path_or_uri: str) -> list[str]:
     from transformers import AutoModel
 
     with tempfile.TemporaryDirectory(prefix="rayrec-backbone-") as tmp:
-        source = AutoModel.from_pretrained(storage.local_folder(path_or_uri, tmp, "backbone checkpoint")).state_dict()
+        source = AutoModel.from_pretrained(
+            storage.local_folder(path_or_uri, tmp, "backbone checkpoint")
+        ).state_dict()
     target = model.encoder.state_dict()
     loaded = []
     for key, value in source.items():

@@ -67,7 +67,10 @@ def pointwise_batch(
         inputs.append(seq[:-1])
         candidates.append([i if ok else 0 for i, ok in zip(seq[1:], rated, strict=True)])
         targets.append(
-            [pointwise_target(v, task, click_threshold) if ok else 0.0 for v, ok in zip(vals[1:], rated, strict=True)]
+            [
+                pointwise_target(v, task, click_threshold) if ok else 0.0
+                for v, ok in zip(vals[1:], rated, strict=True)
+            ]
         )
     input_ids, attention_mask = pad_left(inputs, max_len)  # [B, L]
     candidate_ids, _ = pad_left(candidates, max_len)  # [B, L]

@@ -117,7 +117,8 @@ class ScalingSection(StrictModel):
     cpus_per_worker: float = Field(1, gt=0)
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra custom resources")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="Ray placement group strategy of the workers (SPREAD: one per node where possible)"
+        "PACK",
+        description="Ray placement group strategy of the workers (SPREAD: one per node where possible)",
     )
 
 
@@ -139,7 +140,9 @@ class FinetuneSection(StrictModel):
         description="next_item: softmax over items; rating: regress each event's value (MSE); click: "
         "value >= click_threshold is a click (BCE). Pointwise tasks add a head over (user state, item)",
     )
-    click_threshold: float = Field(0.5, description="finetune.task=click: a value at or above this is a click")
+    click_threshold: float = Field(
+        0.5, description="finetune.task=click: a value at or above this is a click"
+    )
 
     freeze: Literal["none", "embeddings", "backbone", "all_but_top_n"] = Field(
         "none", description="rec_train.model.peft_utils freeze policy"

@@ -86,7 +86,11 @@ def pointwise_predictions(
 
 @torch.no_grad()
 def evaluate_pointwise(
-    model: RecModel, sequences: pa.Table, split: str = "test", click_threshold: float = 0.5, batch_size: int = 256
+    model: RecModel,
+    sequences: pa.Table,
+    split: str = "test",
+    click_threshold: float = 0.5,
+    batch_size: int = 256,
 ) -> dict[str, float]:
     """RMSE/MAE (a "rating" head) or AUC/log loss (a "click" head) on `split` of a sequences table."""
     _check_split(split)

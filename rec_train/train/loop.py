@@ -130,7 +130,12 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     torch.manual_seed(config.train.seed)  # the same initial weights on every worker
     items = read_items(config.data.path)
     model = build_model(
-        config, payload["num_items"], payload["max_seq_len"], items, payload["init_from"], payload["target_mean"]
+        config,
+        payload["num_items"],
+        payload["max_seq_len"],
+        items,
+        payload["init_from"],
+        payload["target_mean"],
     )
     model_config = model.config
     if config.finetune is not None:

@@ -48,7 +48,9 @@ def metrics_from_histogram(
     return out
 
 
-def pointwise_metrics(logits: np.ndarray, targets: np.ndarray, task: str, prefix: str = "") -> dict[str, float]:
+def pointwise_metrics(
+    logits: np.ndarray, targets: np.ndarray, task: str, prefix: str = ""
+) -> dict[str, float]:
     """rating: RMSE and MAE of the predicted values; click: ROC AUC (ties count half) and log loss of the
     logits against 0/1 labels. Plus `rated_users` (one target each)."""
     logits, targets = np.asarray(logits, np.float64), np.asarray(targets, np.float64)

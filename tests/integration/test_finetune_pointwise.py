@@ -99,6 +99,8 @@ def test_a_rating_task_on_data_without_values_is_a_clear_error(ray_4cpu: None) -
     import ray
 
     rows = pa.table({"values": pa.array([[float("nan")] * 3], pa.list_(pa.float32()))})
-    config = load_config(TrainConfig, None, ["data.path=somewhere", "finetune.task=rating", "eval.metric=rmse"])
+    config = load_config(
+        TrainConfig, None, ["data.path=somewhere", "finetune.task=rating", "eval.metric=rmse"]
+    )
     with pytest.raises(DataError, match=r"no event has a value.*columns.value=rating"):
         target_mean(ray.data.from_arrow(rows), config)

@@ -151,7 +151,7 @@ def test_the_jobs_api_refuses_requests_without_the_token(ray_head: Head) -> None
     assert ray_head.get("/api/jobs/", token=ray_head.token) == 200
 
 
-@pytest.mark.long
+@pytest.mark.slow
 def test_submit_prepare_and_pretrain_as_a_ray_job(ray_head: Head, tmp_path: Path) -> None:
     raw, dataset, runs = tmp_path / "raw", tmp_path / "dataset", tmp_path / "runs"
     synth = subprocess.run(

@@ -196,7 +196,7 @@ def test_serve_replicas_run_on_different_nodes(cluster: Cluster, spread_run: dic
         serve.shutdown()
 
 
-@pytest.mark.long
+@pytest.mark.slow
 def test_a_worker_node_removed_mid_training_is_survived(
     cluster: Cluster, dataset: Path, tmp_path: Path
 ) -> None:

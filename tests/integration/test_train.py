@@ -208,7 +208,6 @@ def test_zero2_s3_resume_after_killed_worker_and_export_round_trip(
     assert info["model_version"] and info["dataset"]["counts"]["users"] == 200
 
 
-@pytest.mark.long
 def test_zero3_export_resume_by_name_continue_and_finetune(cluster: dict, domain_a: Path, work: Path) -> None:
     runs = str(work / "runs")
     cfg = config(

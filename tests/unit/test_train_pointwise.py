@@ -100,7 +100,10 @@ def test_task_and_metric_must_agree() -> None:
     base = ["data.path=x", "finetune.freeze=none"]
     config = load_config(TrainConfig, overrides=[*base, "finetune.task=rating", "eval.metric=rmse"])
     assert config.task == "rating" and config.metric_order == "min"
-    assert load_config(TrainConfig, overrides=[*base, "finetune.task=click", "eval.metric=auc"]).metric_order == "max"
+    assert (
+        load_config(TrainConfig, overrides=[*base, "finetune.task=click", "eval.metric=auc"]).metric_order
+        == "max"
+    )
     with pytest.raises(ConfigError, match=r"finetune.task=rating needs eval.metric in \['rmse', 'mae'\]"):
         load_config(TrainConfig, overrides=[*base, "finetune.task=rating"])
     with pytest.raises(ConfigError, match="is for pointwise fine-tuning"):
