@@ -10,7 +10,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,17 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from local_cluster import free_port, processes_under
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's `ray` and `rec-train`
 UPLOAD_EXCLUDES = [".venv", ".git", "runs", "demo_out", "**/__pycache__", ".pytest_cache", ".ruff_cache"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -60,22 +54,6 @@ class Head:
             return err.code
         except urllib.error.URLError:
             return 0  # not listening (yet)
-
-
-def processes_under(marker: str) -> list[int]:
-    """Pids of this user's processes whose command line names `marker` (the cluster's temp dir)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if proc.stat().st_uid == os.getuid() and marker in (proc / "cmdline").read_bytes().decode(
-                errors="replace"
-            ):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import ray
+from local_cluster import free_port, processes_under
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
@@ -39,27 +39,6 @@ BIN = Path(sys.executable).parent
 SLOT = "trainer_slot"  # a training worker needs one, so training runs on the worker nodes only
 # Room for both training workers on one worker node: only the placement strategy spreads them.
 NODE_ARGS = {"num_cpus": 2, "object_store_memory": 100 * 1024**2, "resources": {SLOT: 2}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def processes_under(marker: str) -> list[int]:
-    """Pids of this user's processes whose command line names `marker` (the cluster's temp dir)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-            if proc.stat().st_uid == os.getuid() and marker in cmdline:
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
 
 
 def worker_node(cluster: Cluster) -> Any:
