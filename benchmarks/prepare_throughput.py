@@ -81,6 +81,7 @@ def pandas_prepare(fmt: str, events: str, out: Path) -> dict[str, int]:
             pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
             pa.array(np.where(lengths >= 2, values[offsets[1:] - 2], np.nan).astype(np.float32)),
             pa.array(values[offsets[1:] - 1]),
+            pa.ListArray.from_arrays(pa.array(offsets), pa.nulls(len(df), pa.string())),  # no event types
         ],
         schema=SEQUENCE_SCHEMA,
     )

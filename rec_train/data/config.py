@@ -20,6 +20,7 @@ class EventColumns(StrictModel):
     item: str = "item_id"
     timestamp: str | None = Field("timestamp", description="null: the row order is the time order")
     value: str | None = Field(None, description="rating or weight; must be numeric when set")
+    event_type: str | None = Field(None, description="kind of interaction (view, click, purchase, ...)")
 
 
 class ItemColumns(StrictModel):
@@ -88,6 +89,10 @@ class PrepareConfig(StrictModel):
     item_columns: ItemColumns = Field(default_factory=ItemColumns)
     csv: CsvOptions = Field(default_factory=CsvOptions)
     integer_ids: bool | None = Field(None, description="ids must be integers; default: true for movielens")
+    event_types: list[str] | None = Field(
+        None,
+        description="keep only events of these types (columns.event_type); the others are counted as skipped",
+    )
     min_value: float | None = Field(
         None, description="events whose value (rating) is below this are skipped and counted, e.g. 4.0"
     )
@@ -103,6 +108,20 @@ class PrepareConfig(StrictModel):
     overwrite: bool = False
     rows_per_file: int = Field(100_000, ge=1, description="users per sequences/part-*.parquet file")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started by this command")
+
+    @model_validator(mode="after")
+    def _check_event_types(self) -> PrepareConfig:
+        if self.event_types is not None:
+            if self.format not in ("parquet", "csv") or self.columns.event_type is None:
+                raise ValueError(
+                    "event_types needs the column that holds each event's type: set columns.event_type "
+                    "(formats parquet and csv)"
+                )
+            if not self.event_types:
+                raise ValueError(
+                    "event_types is empty: list the types to keep, or leave it unset to keep all"
+                )
+        return self
 
     @property
     def ids_are_integers(self) -> bool:

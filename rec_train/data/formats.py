@@ -2,7 +2,8 @@
 
 Canonical events have the columns `user_id` (string), `item_id` (string), `timestamp` (int64,
 the source's unit; the order index where the source has no time), `value` (float64, nullable:
-rating or weight) and `order` (int64: the position in the input, a tie-breaker for equal times).
+rating or weight), `event_type` (string, nullable: view, click, purchase, ...) and `order` (int64:
+the position in the input, a tie-breaker for equal times).
 
 Readers for events stream one file (or a range of parquet row groups) at a time so that Ray Data
 can run them as tasks; item tables are small and are read whole on the driver.
@@ -36,6 +37,7 @@ EVENT_SCHEMA = pa.schema(
         ("item_id", pa.string()),
         ("timestamp", pa.int64()),
         ("value", pa.float64()),
+        ("event_type", pa.string()),
         ("order", pa.int64()),
     ]
 )
@@ -67,6 +69,7 @@ class EventSource:
     column_names: tuple[str, ...] | None = None  # for text without a header
     quoting: bool = True
     encoding: str = "utf8"
+    event_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,9 +107,11 @@ def event_source(config: PrepareConfig, uri: str) -> EventSource:
     if config.format == "csv":
         return EventSource(
             "text", cols.user, cols.item, cols.timestamp, cols.value, integer_ids,
-            config.csv.delimiter, config.csv.header,
+            config.csv.delimiter, config.csv.header, event_type=cols.event_type,
         )  # fmt: skip
-    return EventSource("parquet", cols.user, cols.item, cols.timestamp, cols.value, integer_ids)
+    return EventSource(
+        "parquet", cols.user, cols.item, cols.timestamp, cols.value, integer_ids, event_type=cols.event_type
+    )
 
 
 def _input_files(uri: str, what: str) -> list[str]:
@@ -264,7 +269,14 @@ def canonicalize(table: pa.Table, task: ReadTask, row0: int, problems: Problems)
         value = pa.nulls(table.num_rows, pa.float64())
     else:
         value = canonical_values(table[src.value].combine_chunks(), src.value, problems, report_rows)
-    out = pa.Table.from_arrays([user, item, ts, value, order], schema=EVENT_SCHEMA)
+    if src.event_type is None:
+        event_type = pa.nulls(table.num_rows, pa.string())
+    else:
+        event_type = pc.cast(table[src.event_type].combine_chunks(), pa.string())
+        event_type = pc.if_else(
+            pc.equal(event_type, ""), pa.scalar(None, pa.string()), event_type
+        )  # empty: none
+    out = pa.Table.from_arrays([user, item, ts, value, event_type, order], schema=EVENT_SCHEMA)
     ok = pc.and_(pc.and_(pc.is_valid(user), pc.is_valid(item)), pc.is_valid(ts))
     return out.filter(ok)
 
@@ -282,7 +294,10 @@ def _raw_batches(task: ReadTask) -> Iterator[pa.Table]:
     """Raw record batches of one task, only the columns canonicalize needs."""
     src = task.source
     loc = storage.resolve(task.uri)
-    wanted = {"user": src.user, "item": src.item, "timestamp": src.timestamp, "value": src.value}
+    wanted = {
+        "user": src.user, "item": src.item, "timestamp": src.timestamp, "value": src.value,
+        "event_type": src.event_type,
+    }  # fmt: skip
     needed = [c for c in wanted.values() if c is not None]
     if src.kind == "parquet":
         with loc.fs.open_input_file(loc.path) as f:

@@ -101,6 +101,10 @@ def _keep_min_value(events: pa.Table, min_value: float) -> pa.Table:
     return events.filter(pc.fill_null(pc.greater_equal(events["value"], min_value), False))
 
 
+def _keep_event_types(events: pa.Table, event_types: list[str]) -> pa.Table:
+    return events.filter(pc.fill_null(pc.is_in(events["event_type"], pa.array(event_types)), False))
+
+
 def _count_items(events: pa.Table) -> pa.Table:
     """Events per item in one block (summed over blocks on the driver)."""
     counts = pc.value_counts(events["item_id"]).flatten()
@@ -117,6 +121,7 @@ def _index_items(events: pa.Table, item_ids: pa.Array, item_index: np.ndarray) -
             "timestamp": events["timestamp"],
             "order": events["order"],
             "value": events["value"],
+            "event_type": events["event_type"],
         }
     )
 
@@ -127,7 +132,7 @@ def _user_rows(group: pa.Table, options: SequenceOptions) -> pa.Table:
     if rows.num_rows == 0:  # every event of this user was a rare item
         rows = pa.Table.from_pylist(
             [{"user_id": group["user_id"][0].as_py(), "items": [], "timestamps": [], "train_items": [],
-              "valid_item": 0, "test_item": 0, "values": [], "valid_value": None, "test_value": None,
+              "valid_item": 0, "test_item": 0, "values": [], "valid_value": None, "test_value": None, "event_types": [],
               "n_events": 0, "n_duplicates": 0, "n_truncated": 0, "short": True}],
             schema=rows.schema,
         )  # fmt: skip
@@ -228,6 +233,12 @@ def _run(
             _keep_min_value, fn_kwargs={"min_value": config.min_value}, batch_format="pyarrow"
         ).materialize()
         skipped["below_min_value"] = raw_events - events.count()
+    if config.event_types is not None:
+        before = events.count()
+        events = events.map_batches(
+            _keep_event_types, fn_kwargs={"event_types": config.event_types}, batch_format="pyarrow"
+        ).materialize()
+        skipped["other_event_types"] = before - events.count()
 
     # 2. item vocabulary from the events per item
     partitions = _shuffle_partitions(raw_events)

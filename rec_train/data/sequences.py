@@ -24,6 +24,7 @@ SEQUENCE_SCHEMA = pa.schema(
         ("values", pa.list_(pa.float32())),  # rating / weight per event of `items`; NaN where none
         ("valid_value", pa.float32()),
         ("test_value", pa.float32()),
+        ("event_types", pa.list_(pa.string())),  # kind of each event of `items`; null where none
     ]
 )
 # Rows out of `build_sequences`: the sequence columns (no user_index yet) + bookkeeping per user.
@@ -71,8 +72,8 @@ def split_by_time(timestamps: np.ndarray, valid_cutoff: int, test_cutoff: int) -
 
 
 def build_sequences(events: pa.Table, options: SequenceOptions) -> pa.Table:
-    """Events (`user_id`, `item_index`, `timestamp`, `order`, optional `value`) -> one `USER_ROW_SCHEMA`
-    row per user.
+    """Events (`user_id`, `item_index`, `timestamp`, `order`, optional `value` and `event_type`) -> one
+    `USER_ROW_SCHEMA` row per user.
 
     Events are ordered by time, ties by input order; duplicates are repeated (item, timestamp)
     pairs of a user, counted per user and removed when `options.drop_duplicates`.
@@ -85,24 +86,30 @@ def build_sequences(events: pa.Table, options: SequenceOptions) -> pa.Table:
         values = events["value"].to_numpy(zero_copy_only=False).astype(np.float32)  # null -> NaN
     else:
         values = np.full(len(items), np.nan, np.float32)
+    if "event_type" in events.column_names:
+        kinds = events["event_type"].to_numpy(zero_copy_only=False).astype(object)
+    else:
+        kinds = np.full(len(items), None, object)
     perm = np.lexsort((order, times, user_codes))
-    user_codes, items, times, values = user_codes[perm], items[perm], times[perm], values[perm]
+    user_codes, items, times, values, kinds = (a[perm] for a in (user_codes, items, times, values, kinds))
 
     repeated = pd.DataFrame({"u": user_codes, "i": items, "t": times}).duplicated().to_numpy()
     n_duplicates = np.bincount(user_codes[repeated], minlength=len(users))
     if options.drop_duplicates:
-        user_codes, items, times, values = (a[~repeated] for a in (user_codes, items, times, values))
+        user_codes, items, times, values, kinds = (
+            a[~repeated] for a in (user_codes, items, times, values, kinds)
+        )
     bounds = np.searchsorted(user_codes, np.arange(len(users) + 1))  # user u: rows bounds[u]:bounds[u+1]
 
-    seq_items, seq_times, seq_values, train_items = [], [], [], []
+    seq_items, seq_times, seq_values, seq_kinds, train_items = [], [], [], [], []
     valid, test = np.zeros(len(users), np.int32), np.zeros(len(users), np.int32)
     valid_value, test_value = np.full(len(users), np.nan, np.float32), np.full(len(users), np.nan, np.float32)
     n_events = np.diff(bounds)
     n_truncated = np.zeros(len(users), np.int64)
     for u in range(len(users)):
         rows = slice(bounds[u], bounds[u + 1])
-        user_items, user_times, user_values = truncate(
-            items[rows], times[rows], values[rows], max_len=options.max_seq_len
+        user_items, user_times, user_values, user_kinds = truncate(
+            items[rows], times[rows], values[rows], kinds[rows], max_len=options.max_seq_len
         )
         n_truncated[u] = n_events[u] - len(user_items)
         if options.split == "time":
@@ -117,11 +124,12 @@ def build_sequences(events: pa.Table, options: SequenceOptions) -> pa.Table:
         seq_items.append(user_items)
         seq_times.append(user_times)
         seq_values.append(user_values)
+        seq_kinds.append(user_kinds)
         train_items.append(user_items[:n_train])
 
     def lists(arrays: list[np.ndarray], dtype: pa.DataType) -> pa.Array:
         offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
-        values = np.concatenate(arrays) if arrays else np.zeros(0)
+        values = np.concatenate(arrays) if arrays else []
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, dtype))
 
     return pa.Table.from_arrays(
@@ -135,6 +143,7 @@ def build_sequences(events: pa.Table, options: SequenceOptions) -> pa.Table:
             lists(seq_values, pa.float32()),
             pa.array(valid_value),
             pa.array(test_value),
+            lists(seq_kinds, pa.string()),
             pa.array(n_events, pa.int64()),
             pa.array(n_duplicates, pa.int64()),
             pa.array(n_truncated),

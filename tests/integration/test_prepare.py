@@ -77,6 +77,26 @@ def test_policies_counts_and_layout(tmp_path: Path) -> None:
     assert dataset.ray_dataset(out).count() == 2
 
 
+def test_event_types_are_kept_per_event_and_filtered_with_a_count(tmp_path: Path) -> None:
+    log = tmp_path / "log.csv"
+    log.write_text(
+        "user_id,item_id,timestamp,kind,stars\n"
+        "a,i1,1,view,\na,i2,2,purchase,5\na,i3,3,view,\na,i4,4,purchase,4\n"
+        "b,i1,1,purchase,3\nb,i2,2,purchase,2\nb,i3,3,purchase,1\n"
+    )
+    columns = {"event_type": "kind", "value": "stars"}
+    _, out = run(tmp_path, "all", format="csv", events=str(log), columns=columns)
+    rows = by_user(out)
+    assert rows["a"]["event_types"] == ["view", "purchase", "view", "purchase"]
+    assert rows["a"]["values"][1] == 5.0 and rows["a"]["test_value"] == 4.0
+    summary, out = run(
+        tmp_path, "bought", format="csv", events=str(log), columns=columns, event_types=["purchase"]
+    )
+    assert summary["skipped"]["other_event_types"] == 2 and summary["events"] == 3
+    assert summary["users"] == 1 and summary["skipped"]["short_users"] == 1  # a: 2 purchases < 3
+    assert by_user(out)["b"]["event_types"] == ["purchase"] * 3
+
+
 def test_error_policies_and_bad_rows_stop_the_run(tmp_path: Path) -> None:
     log = tmp_path / "log.csv"
     log.write_text("user_id,item_id,timestamp\na,x,1\na,x,1\na,y,2\na,z,3\nb,x,1\n")

@@ -225,3 +225,26 @@ def test_missing_text_column_of_item_table(tmp_path: Path) -> None:
     path = write(tmp_path / "items.csv", "item_id,title\na,A\n")
     with pytest.raises(DataError, match=r"missing column 'genres'.*item_columns\.text\[1\]"):
         formats.read_item_table(config("csv", path, path))
+
+
+def test_event_type_column_is_read_and_required_when_named(tmp_path: Path) -> None:
+    events = write(
+        tmp_path / "log.csv", "user_id,item_id,timestamp,kind\nu1,a,1,view\nu1,b,2,purchase\nu2,a,3,\n"
+    )
+    table = read_all(config("csv", events, columns={"event_type": "kind"}))
+    assert table.schema == formats.EVENT_SCHEMA
+    assert table["event_type"].to_pylist() == ["view", "purchase", None]
+    assert read_all(config("csv", events))["event_type"].null_count == 3
+    with pytest.raises(DataError, match=r"missing column 'type'.*set columns.event_type"):
+        read_all(config("csv", events, columns={"event_type": "type"}))
+
+
+def test_event_types_filter_needs_the_column() -> None:
+    with pytest.raises(ValueError, match="event_types needs the column"):
+        PrepareConfig.model_validate(
+            {"format": "movielens", "events": "x", "output": "y", "event_types": ["view"]}
+        )
+    with pytest.raises(ValueError, match="event_types is empty"):
+        PrepareConfig.model_validate(
+            {"format": "csv", "events": "x", "output": "y", "columns": {"event_type": "k"}, "event_types": []}
+        )

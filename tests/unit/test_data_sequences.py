@@ -86,3 +86,12 @@ def test_time_split_in_build_sequences() -> None:
     table = events([("u", 1, 1), ("u", 2, 5), ("u", 3, 6), ("u", 4, 9)])
     row = build_sequences(table, SequenceOptions(split="time", valid_cutoff=5, test_cutoff=9)).to_pylist()[0]
     assert (row["train_items"], row["valid_item"], row["test_item"]) == ([1], 2, 4)
+
+
+def test_event_types_follow_their_events() -> None:
+    table = events([("u", 2, 20), ("u", 1, 10), ("u", 3, 30)]).append_column(
+        "event_type", pa.array(["click", None, "purchase"])
+    )
+    row = build_sequences(table, SequenceOptions()).to_pylist()[0]
+    assert row["items"] == [1, 2, 3] and row["event_types"] == [None, "click", "purchase"]
+    assert build_sequences(events([("u", 1, 1)]), SequenceOptions()).to_pylist()[0]["event_types"] == [None]
