@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+from local_cluster import free_port
 
 from rec_serve.synthetic import item_id, write_tiny_model
 
 REC_SERVE = str(Path(sys.executable).with_name("rec-serve"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_deploy_serves_until_interrupted(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import ray
+from local_cluster import free_port
 from ray import serve
 
 from rec_serve.app import APP_NAME, build_app
@@ -36,12 +36,6 @@ class Server:
     folder: Path
     predictor: Predictor
     client: httpx.Client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ running replicas through `reconfigure` and a new `args.model` replaces them one 
 from __future__ import annotations
 
 import copy
-import socket
 import threading
 import time
 from collections import Counter
@@ -22,6 +21,7 @@ import httpx
 import pytest
 import ray
 import yaml
+from local_cluster import free_port
 from ray import serve
 from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeDeploySchema
@@ -38,12 +38,6 @@ class Cluster:
     v2: Path
     config: dict[str, Any]
     client: httpx.Client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deploy(config: dict[str, Any], wait: bool = True) -> None:
