@@ -6,9 +6,9 @@
 
 Steps: read and validate the events (one Ray task per file or parquet row-group range, streamed
 from local disk or S3) -> count events per item -> item vocabulary (minimum count, optionally
-extending an earlier vocabulary) -> group by user -> chronological sequences, duplicates, short
-users, truncation and split targets -> user vocabulary -> parquet shards, items.parquet,
-users.parquet and, last, manifest.json. The last line printed is a JSON summary.
+extending an earlier vocabulary) -> group by user bucket (a hash of the user id, many whole users a
+group) -> chronological sequences, duplicates, short users, truncation and split targets -> user
+vocabulary -> parquet shards, items.parquet, users.parquet and, last, manifest.json. The last line printed is a JSON summary.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     import ray.data
 
 EVENTS_PER_PARTITION = 2_000_000
+BUCKETS_PER_PARTITION = 8  # user buckets (groups of whole users) per hash partition
 RAY_ENV_PREFIXES = ("AWS_",)  # forwarded to Ray workers so they reach the same S3 endpoint
 
 
@@ -111,11 +113,15 @@ def _count_items(events: pa.Table) -> pa.Table:
     return pa.table({"item_id": counts[0], "count": pc.cast(counts[1], pa.int64())})
 
 
-def _index_items(events: pa.Table, item_ids: pa.Array, item_index: np.ndarray) -> pa.Table:
-    """item_id -> item_index (-1 for items below the minimum count, counted per user later)."""
+def _index_items(events: pa.Table, item_ids: pa.Array, item_index: np.ndarray, buckets: int) -> pa.Table:
+    """item_id -> item_index (-1 for items below the minimum count, counted per user later), and the
+    user's bucket: a stable hash of `user_id`, so that one group holds many whole users."""
     index = Indexer(item_ids, item_index)(events["item_id"])
+    user_ids = events["user_id"].to_numpy(zero_copy_only=False)
+    hashes = pd.util.hash_array(user_ids)  # uint64, the same in every process
     return pa.table(
         {
+            "user_bucket": pa.array((hashes % np.uint64(buckets)).astype(np.int32)),
             "user_id": events["user_id"],
             "item_index": index,
             "timestamp": events["timestamp"],
@@ -127,16 +133,19 @@ def _index_items(events: pa.Table, item_ids: pa.Array, item_index: np.ndarray) -
 
 
 def _user_rows(group: pa.Table, options: SequenceOptions) -> pa.Table:
+    """The sequence rows of the users of one bucket; a user whose every event was a rare item gets an
+    empty row (counted as short or without events later)."""
     rare = pc.equal(group["item_index"], -1)
     rows = build_sequences(group.filter(pc.invert(rare)), options)
-    if rows.num_rows == 0:  # every event of this user was a rare item
-        rows = pa.Table.from_pylist(
-            [{"user_id": group["user_id"][0].as_py(), "items": [], "timestamps": [], "train_items": [],
-              "valid_item": 0, "test_item": 0, "values": [], "valid_value": None, "test_value": None, "event_types": [],
-              "n_events": 0, "n_duplicates": 0, "n_truncated": 0, "short": True}],
-            schema=rows.schema,
-        )  # fmt: skip
-    return rows
+    users = pc.unique(group["user_id"])
+    emptied = pc.filter(users, pc.invert(pc.is_in(users, value_set=rows["user_id"])))
+    if len(emptied) == 0:
+        return rows
+    empty = {"items": [], "timestamps": [], "train_items": [], "valid_item": 0, "test_item": 0, "values": [],
+             "valid_value": None, "test_value": None, "event_types": [], "n_events": 0, "n_duplicates": 0,
+             "n_truncated": 0, "short": True}  # fmt: skip
+    filler = pa.Table.from_pylist([{"user_id": u, **empty} for u in emptied.to_pylist()], schema=rows.schema)
+    return pa.concat_tables([rows, filler])
 
 
 def _with_user_index(rows: pa.Table, user_ids: pa.Array) -> pa.Table:
@@ -254,10 +263,11 @@ def _run(
         fn_kwargs={
             "item_ids": items["item_id"].combine_chunks(),
             "item_index": items["item_index"].to_numpy(),
+            "buckets": partitions * BUCKETS_PER_PARTITION,
         },
         batch_format="pyarrow",
     )
-    rows = indexed.groupby("user_id", num_partitions=partitions).map_groups(
+    rows = indexed.groupby("user_bucket", num_partitions=partitions).map_groups(
         _user_rows, fn_kwargs={"options": _sequence_options(config)}, batch_format="pyarrow"
     )
     rows = rows.materialize()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from rec_train.data.prepare import _index_items, _user_rows
 from rec_train.data.sequences import (
     USER_ROW_SCHEMA,
     SequenceOptions,
@@ -95,3 +96,36 @@ def test_event_types_follow_their_events() -> None:
     row = build_sequences(table, SequenceOptions()).to_pylist()[0]
     assert row["items"] == [1, 2, 3] and row["event_types"] == [None, "click", "purchase"]
     assert build_sequences(events([("u", 1, 1)]), SequenceOptions()).to_pylist()[0]["event_types"] == [None]
+
+
+def test_user_rows_of_a_bucket_keep_users_whose_items_were_all_rare() -> None:
+    bucket = events([("a", 1, 1), ("d", -1, 2), ("a", 2, 3), ("d", -1, 4), ("e", 3, 5)])  # -1: a rare item
+    rows = {r["user_id"]: r for r in _user_rows(bucket, SequenceOptions(min_user_events=2)).to_pylist()}
+    assert sorted(rows) == ["a", "d", "e"]
+    assert rows["a"]["items"] == [1, 2] and not rows["a"]["short"]
+    assert rows["d"]["items"] == [] and rows["d"]["n_events"] == 0 and rows["d"]["short"]
+    assert rows["e"]["items"] == [3] and rows["e"]["short"]
+
+
+def test_user_buckets_hold_whole_users_and_are_stable() -> None:
+    n = 40
+    table = pa.table(
+        {
+            "user_id": [f"u{k % 7}" for k in range(n)],
+            "item_id": [str(k % 5) for k in range(n)],
+            "timestamp": pa.array(range(n), pa.int64()),
+            "order": pa.array(range(n), pa.int64()),
+            "value": pa.nulls(n, pa.float64()),
+            "event_type": pa.nulls(n, pa.string()),
+        }
+    )
+    vocab = pa.array([str(k) for k in range(5)]), np.arange(1, 6)
+
+    def buckets(rows: pa.Table) -> list[tuple[str, int]]:
+        out = _index_items(rows, *vocab, buckets=4)
+        return list(zip(out["user_id"].to_pylist(), out["user_bucket"].to_pylist(), strict=True))
+
+    first = dict(buckets(table))
+    assert all(first[user] == b and 0 <= b < 4 for user, b in buckets(table))  # one bucket per user
+    assert all(first[user] == b for user, b in buckets(table.slice(23)))  # same in another block
+    assert len(set(first.values())) > 1
