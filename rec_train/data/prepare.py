@@ -8,7 +8,8 @@ Steps: read and validate the events (one Ray task per file or parquet row-group 
 from local disk or S3) -> count events per item -> item vocabulary (minimum count, optionally
 extending an earlier vocabulary) -> group by user bucket (a hash of the user id, many whole users a
 group) -> chronological sequences, duplicates, short users, truncation and split targets -> user
-vocabulary -> parquet shards, items.parquet, users.parquet and, last, manifest.json. The last line printed is a JSON summary.
+vocabulary -> parquet shards, items.parquet, users.parquet and, last, manifest.json. The last line
+printed is a JSON summary.
 """
 
 from __future__ import annotations
@@ -132,22 +133,6 @@ def _index_items(events: pa.Table, item_ids: pa.Array, item_index: np.ndarray, b
     )
 
 
-def _user_rows(group: pa.Table, options: SequenceOptions) -> pa.Table:
-    """The sequence rows of the users of one bucket; a user whose every event was a rare item gets an
-    empty row (counted as short or without events later)."""
-    rare = pc.equal(group["item_index"], -1)
-    rows = build_sequences(group.filter(pc.invert(rare)), options)
-    users = pc.unique(group["user_id"])
-    emptied = pc.filter(users, pc.invert(pc.is_in(users, value_set=rows["user_id"])))
-    if len(emptied) == 0:
-        return rows
-    empty = {"items": [], "timestamps": [], "train_items": [], "valid_item": 0, "test_item": 0, "values": [],
-             "valid_value": None, "test_value": None, "event_types": [], "n_events": 0, "n_duplicates": 0,
-             "n_truncated": 0, "short": True}  # fmt: skip
-    filler = pa.Table.from_pylist([{"user_id": u, **empty} for u in emptied.to_pylist()], schema=rows.schema)
-    return pa.concat_tables([rows, filler])
-
-
 def _with_user_index(rows: pa.Table, user_ids: pa.Array) -> pa.Table:
     index = Indexer(user_ids, np.arange(len(user_ids)))(rows["user_id"])
     rows = rows.append_column("user_index", pa.array(index, pa.int32()))
@@ -268,7 +253,7 @@ def _run(
         batch_format="pyarrow",
     )
     rows = indexed.groupby("user_bucket", num_partitions=partitions).map_groups(
-        _user_rows, fn_kwargs={"options": _sequence_options(config)}, batch_format="pyarrow"
+        build_sequences, fn_kwargs={"options": _sequence_options(config)}, batch_format="pyarrow"
     )
     rows = rows.materialize()
     stats = _collect(rows.select_columns(["user_id", "n_events", "n_duplicates", "n_truncated", "short"]))

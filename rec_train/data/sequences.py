@@ -1,7 +1,7 @@
 """Per-user chronological sequences, truncation and train / validation / test targets.
 
 `build_sequences` turns indexed events of any set of users into one row per user. It runs inside
-Ray Data's `groupby("user_id").map_groups` during `prepare`, and works on plain tables in tests.
+Ray Data's `groupby("user_bucket").map_groups` during `prepare`, and works on plain tables in tests.
 """
 
 from __future__ import annotations
@@ -76,9 +76,12 @@ def build_sequences(events: pa.Table, options: SequenceOptions) -> pa.Table:
     `USER_ROW_SCHEMA` row per user.
 
     Events are ordered by time, ties by input order; duplicates are repeated (item, timestamp)
-    pairs of a user, counted per user and removed when `options.drop_duplicates`.
+    pairs of a user, counted per user and removed when `options.drop_duplicates`. Events of items
+    outside the vocabulary (`item_index` -1) are left out; a user with only those gets an empty row.
     """
     users, user_codes = np.unique(events["user_id"].to_numpy(zero_copy_only=False), return_inverse=True)
+    known = events["item_index"].to_numpy() >= 0
+    events, user_codes = events.filter(pa.array(known)), user_codes[known]
     items = events["item_index"].to_numpy().astype(np.int32)
     times = events["timestamp"].to_numpy().astype(np.int64)
     order = events["order"].to_numpy()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from rec_train.data.prepare import _index_items, _user_rows
+from rec_train.data.prepare import _index_items
 from rec_train.data.sequences import (
     USER_ROW_SCHEMA,
     SequenceOptions,
@@ -98,11 +98,12 @@ def test_event_types_follow_their_events() -> None:
     assert build_sequences(events([("u", 1, 1)]), SequenceOptions()).to_pylist()[0]["event_types"] == [None]
 
 
-def test_user_rows_of_a_bucket_keep_users_whose_items_were_all_rare() -> None:
-    bucket = events([("a", 1, 1), ("d", -1, 2), ("a", 2, 3), ("d", -1, 4), ("e", 3, 5)])  # -1: a rare item
-    rows = {r["user_id"]: r for r in _user_rows(bucket, SequenceOptions(min_user_events=2)).to_pylist()}
+def test_build_sequences_keeps_users_whose_items_were_all_rare() -> None:
+    rare = -1  # item_index of an item below the minimum count
+    bucket = events([("a", 1, 1), ("d", rare, 2), ("a", 2, 3), ("d", rare, 4), ("e", 3, 5), ("a", rare, 6)])
+    rows = {r["user_id"]: r for r in build_sequences(bucket, SequenceOptions(min_user_events=2)).to_pylist()}
     assert sorted(rows) == ["a", "d", "e"]
-    assert rows["a"]["items"] == [1, 2] and not rows["a"]["short"]
+    assert rows["a"]["items"] == [1, 2] and rows["a"]["n_events"] == 2 and not rows["a"]["short"]
     assert rows["d"]["items"] == [] and rows["d"]["n_events"] == 0 and rows["d"]["short"]
     assert rows["e"]["items"] == [3] and rows["e"]["short"]
 
