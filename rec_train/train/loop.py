@@ -210,14 +210,16 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         state.epoch, state.step = epoch, engine.global_steps
         metrics: dict[str, Any] = {
             "epoch": epoch, "step": state.step, "loss": totals[0].item() / max(1.0, totals[1].item()),
-            "sequences_per_s": totals[2].item() / seconds, "lr": scheduler.get_last_lr()[0],
+            "sequences_per_s": totals[2].item() / seconds, "train_s": seconds, "lr": scheduler.get_last_lr()[0],
             "peak_memory_mb": peak.item(),
         }  # fmt: skip
 
         last = epoch >= config.train.epochs
         save = last or epoch % config.checkpoint.every_epochs == 0
         if save or epoch % config.eval.every_epochs == 0:
+            eval_start = time.perf_counter()
             metrics.update(evaluate(split, f"{split}_"))
+            metrics["eval_s"] = time.perf_counter() - eval_start
             if not config.data.include_valid:  # test targets never choose a model
                 value = metrics[metric_key]
                 if state.best_metric is None or sign * value > sign * state.best_metric:
@@ -242,15 +244,16 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     # ---- test metrics of the best validation checkpoint (the last one when training on validation) -------
     reported = ray.train.get_all_reported_checkpoints()
-    if config.data.include_valid:
+    if config.data.include_valid:  # the latest checkpoint: its test metrics were computed when it was saved
         chosen = max(reported, key=lambda r: r.metrics["epoch"])
+        final = {"final": True, "epoch": state.epoch, "best_epoch": chosen.metrics["epoch"]}
+        final.update({k: v for k, v in chosen.metrics.items() if k.startswith("test_")})
     else:
         chosen = max(reported, key=lambda r: (sign * r.metrics[metric_key], -r.metrics["epoch"]))
-    with chosen.checkpoint.as_directory() as d:
-        ckpt.restore(engine, Path(d), rank, rng=False)
-    final = {"final": True, "epoch": state.epoch, "best_epoch": chosen.metrics["epoch"]}
-    final.update(evaluate("test", "test_"))
-    if not config.data.include_valid:
+        with chosen.checkpoint.as_directory() as d:
+            ckpt.restore(engine, Path(d), rank, rng=False)
+        final = {"final": True, "epoch": state.epoch, "best_epoch": chosen.metrics["epoch"]}
+        final.update(evaluate("test", "test_"))
         final[metric_key] = chosen.metrics[metric_key]
     ray.train.report(final)
     if rank == 0:

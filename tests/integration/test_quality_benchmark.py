@@ -46,7 +46,14 @@ def test_benchmark_prints_one_json_line_with_the_figures(shared_data: Path, tmp_
     assert run["epochs"] == run["epochs_planned"] == run["reported_epoch"] == 1
     assert run["stopped_by_budget"] is False
     assert run["sequences_per_s"] > 0 and run["seconds_per_epoch"] > 0 and run["wall_s"] > 0
+    assert run["eval_s"] > 0  # the one epoch is evaluated
+    assert 0 < run["train_s"] + run["eval_s"] < run["wall_s"]
     check_figures(run)
     check_figures(result["popularity"])
+    # ml-1m.yaml fuses MiniLM vectors of the items' texts with the IDs: written on the first run
+    text = result["text_embeddings"]
+    assert text["cached"] is False and text["items"] == 1682 and text["dim"] == 384
+    assert text["missing_text"] == 0
+    assert (tmp_path / "data" / "ml-100k" / "item_text_embeddings.safetensors").exists()
     assert (tmp_path / "data" / "ml-100k" / "manifest.json").exists()
     assert Path(run["run"], run["checkpoint"], "trainer_state.json").exists()

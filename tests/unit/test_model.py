@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel
 from rec_train.config import ConfigError
 from rec_train.data.collate import pad_left
 from rec_train.model import RecConfig, RecModel, build_config
+from rec_train.model.encoders import relative_buckets
 
 ENCODERS = {
     "llama": {},
@@ -310,3 +311,13 @@ def test_model_package_imports_neither_ray_nor_deepspeed() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_relative_buckets_are_exact_near_log_spaced_far_and_zero_for_the_future() -> None:
+    buckets = relative_buckets(200, num_buckets=32, max_distance=200, device=torch.device("cpu"))  # [L, L]
+    assert buckets.shape == (200, 200)
+    assert buckets[5, 5] == 0 and buckets[20, 5] == 15 and buckets[3, 10] == 0  # the future: bucket 0
+    far = buckets[199, :].flip(0)  # distances 0..199
+    assert torch.equal(far[:16], torch.arange(16))
+    assert bool((far[1:] >= far[:-1]).all()) and int(far.max()) == 31 and int(far[16]) == 16
+    assert torch.equal(buckets[50:, 50:], buckets[:150, :150])  # depends on the distance only
