@@ -83,12 +83,55 @@ def pointwise_batch(
             "targets": target_values}  # fmt: skip
 
 
-def trainable_rows(rows: pa.Table, include_valid: bool) -> pa.Table:
-    """Users with at least two training items (one input, one label); the others give no loss."""
+def trainable_rows(rows: pa.Table, include_valid: bool, window: int | None = None) -> pa.Table:
+    """Users with at least two training items (one input, one label); the others give no loss.
+
+    With `window` (the model's max_seq_len), a longer training sequence also yields rows for its older
+    events: windows of up to `window + 1` items going back from the newest `window + 1` (which
+    `training_batch` takes from the user's own row), each ending on the item before the next window's
+    labels start, so every item after the first is a label exactly once. Older rows have no
+    validation or test target.
+    """
     length = pc.list_value_length(rows["train_items"]).fill_null(0)
     if include_valid:
         length = pc.add(length, pc.cast(pc.not_equal(rows["valid_item"], 0), pa.int32()))
-    return rows.filter(pc.greater_equal(length, 2))
+    rows = rows.filter(pc.greater_equal(length, 2))
+    if window is None:
+        return rows
+    older = older_windows(rows, include_valid, window)
+    return pa.concat_tables([rows, older]) if older.num_rows else rows
+
+
+def older_windows(rows: pa.Table, include_valid: bool, window: int) -> pa.Table:
+    """The rows of `trainable_rows(rows, include_valid, window)` before each user's newest window."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    has_values = "values" in rows.column_names
+    items_col, valid_col = rows["train_items"].to_pylist(), rows["valid_item"].to_pylist()
+    values_col = rows["values"].to_pylist() if has_values else [None] * rows.num_rows
+    picked, starts, ends = [], [], []  # row index and [start, end) into train_items of each older window
+    for r, (items, valid) in enumerate(zip(items_col, valid_col, strict=True)):
+        n = len(training_sequence(items, valid, include_valid))
+        end = n - window  # labels of the window that ends here start `window` items later
+        while end >= 2:
+            picked.append(r), starts.append(max(0, end - window - 1)), ends.append(end)
+            end -= window
+    take = pa.array(picked, pa.int64())
+    out = {name: rows[name].take(take) for name in rows.column_names}
+    out["train_items"] = pa.array(
+        [items_col[r][a:b] for r, a, b in zip(picked, starts, ends, strict=True)], rows["train_items"].type
+    )
+    for name in ("valid_item", "test_item"):
+        if name in out:
+            out[name] = pa.array([0] * len(picked), rows[name].type)
+    if has_values:
+        out["values"] = pa.array(
+            [values_col[r][a:b] for r, a, b in zip(picked, starts, ends, strict=True)], rows["values"].type
+        )
+        for name in ("valid_value", "test_value"):
+            if name in out:
+                out[name] = pa.nulls(len(picked), rows[name].type)
+    return pa.table(out, schema=rows.schema)
 
 
 @dataclass

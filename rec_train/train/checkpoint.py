@@ -130,6 +130,23 @@ def model_from_checkpoint(directory: Path) -> RecModel:
     return model.eval()
 
 
+def _not_a_model(loc: storage.Location) -> RayrecError:
+    return RayrecError(
+        f"{loc.uri} is neither an exported model ({EXPORT_INFO} missing) nor a training checkpoint "
+        f"({TRAINER_STATE} missing); pass a folder written by `rec-train export` or a checkpoint_* folder"
+    )
+
+
+def model_max_seq_len(uri: str) -> int:
+    """The max_seq_len of an exported model or a training checkpoint, read from its config alone."""
+    loc = storage.resolve(uri)
+    if storage.exists(loc.join(EXPORT_INFO)):
+        return int(storage.read_json(loc.join("config.json"))["max_seq_len"])
+    if is_checkpoint(loc):
+        return int(storage.read_json(loc.join(MODEL_CONFIG))["max_seq_len"])
+    raise _not_a_model(loc)
+
+
 def load_model(uri: str) -> tuple[RecModel, dict[str, Any]]:
     """An exported model folder or a training checkpoint (local or S3) -> (model in eval mode, info).
 
@@ -143,10 +160,7 @@ def load_model(uri: str) -> tuple[RecModel, dict[str, Any]]:
             model = RecModel.from_pretrained(str(local)).eval()
             return model, {"data_path": info.get("config", {}).get("data", {}).get("path"), **info}
         if not is_checkpoint(loc):
-            raise RayrecError(
-                f"{loc.uri} is neither an exported model ({EXPORT_INFO} missing) nor a training checkpoint "
-                f"({TRAINER_STATE} missing); pass a folder written by `rec-train export` or a checkpoint_* folder"
-            )
+            raise _not_a_model(loc)
         local = storage.local_copy(loc, tmp)
         model = model_from_checkpoint(local)
         run = json.loads((local / RUN_INFO).read_text())

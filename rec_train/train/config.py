@@ -31,6 +31,12 @@ class DataSection(StrictModel):
     shuffle_buffer: int = Field(
         2048, ge=0, description="rows in each worker's local shuffle buffer (0: none)"
     )
+    windows: Literal["last", "all"] = Field(
+        "last",
+        description="last: each user trains on their newest max_seq_len + 1 items; all: a longer history "
+        "also trains on its older items, in windows of max_seq_len + 1 (every event a label once; more "
+        "rows, so more steps per epoch)",
+    )
 
 
 class ModelSection(StrictModel):

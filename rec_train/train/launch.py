@@ -103,6 +103,22 @@ def target_mean(sequences: Any, config: TrainConfig) -> float:
     return float(sums["total"].sum()) / count
 
 
+def training_window(
+    config: TrainConfig, num_items: int, max_seq_len: int | None, init_from: str | None
+) -> int | None:
+    """Under `data.windows=all`, the max_seq_len of the model that will train (older items train in
+    windows of it); None under `last`."""
+    from rec_train.model.sizes import build_config
+    from rec_train.train.checkpoint import model_max_seq_len
+
+    if config.data.windows == "last":
+        return None
+    if init_from is not None:
+        return model_max_seq_len(init_from)
+    fixed = {"num_items": num_items, **({"max_seq_len": max_seq_len} if max_seq_len else {})}
+    return build_config(config.model.size, **{**fixed, **config.model.overrides}).max_seq_len
+
+
 def launch(config: TrainConfig, init_from: str | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Run training on Ray (starting a local Ray when none is running); returns the run's figures."""
     import ray
@@ -116,8 +132,6 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
     num_items = int(read_items(config.data.path)["item_index"].to_numpy().max())
     max_seq_len = config.model.max_seq_len or manifest.get("max_seq_len")  # None: the model size's
     workers = config.scaling.num_workers
-    rows_per_worker = math.ceil(int(manifest["counts"]["users"]) / workers)
-    steps_per_epoch = max(1, math.ceil(rows_per_worker / config.train.batch_size / config.train.grad_accum))
 
     name = (
         config.run.name
@@ -137,9 +151,12 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
 
     include_valid = config.data.include_valid
     columns = task_columns(config.task)
+    window = training_window(config, num_items, max_seq_len, init_from)
     train = ray_dataset(config.data.path, columns=columns).map_batches(
-        lambda t: trainable_rows(t, include_valid), batch_format="pyarrow", zero_copy_batch=True
+        lambda t: trainable_rows(t, include_valid, window), batch_format="pyarrow", zero_copy_batch=True
     )
+    rows = train.count() if window else int(manifest["counts"]["users"])  # windows: counted in one pass
+    steps_per_epoch = max(1, math.ceil(rows / workers / config.train.batch_size / config.train.grad_accum))
     evaluation = ray_dataset(config.data.path, columns=columns)
     score = "epoch" if include_valid else f"{config.eval_split}_{config.eval.metric}"
     resources = {"CPU": config.scaling.cpus_per_worker, **config.scaling.resources_per_worker}

@@ -97,6 +97,44 @@ def test_trainable_rows_need_an_input_and_a_label() -> None:
     assert trainable_rows(ROWS, include_valid=True).num_rows == 3
 
 
+def test_windows_make_every_older_item_a_label_exactly_once() -> None:
+    rows = pa.table(
+        {
+            "user_index": pa.array([0, 1, 2], pa.int32()),
+            "train_items": pa.array([list(range(1, 11)), [20, 21, 22], [30]], pa.list_(pa.int32())),
+            "valid_item": pa.array([11, 23, 31], pa.int32()),
+            "test_item": pa.array([12, 24, 32], pa.int32()),
+            "values": pa.array(
+                [[float(i) for i in range(1, 11)], [2.0, 2.1, 2.2], [3.0]], pa.list_(pa.float32())
+            ),
+            "valid_value": pa.array([4.0, 5.0, 3.5], pa.float32()),
+            "test_value": pa.array([1.0, 2.0, 3.0], pa.float32()),
+        }
+    )
+    out = trainable_rows(rows, include_valid=True, window=3)
+    assert out.schema == rows.schema
+    assert out.slice(0, 3).equals(rows)  # each user's own row first, unchanged
+    older = out.slice(3)
+    # user 0 trains on 1..11: newest window 8..11 (labels 9, 10, 11), then 5..8, 2..5, 1..2
+    assert older["user_index"].to_pylist() == [0, 0, 0]
+    assert older["train_items"].to_pylist() == [[5, 6, 7, 8], [2, 3, 4, 5], [1, 2]]
+    assert older["values"].to_pylist() == [[5.0, 6.0, 7.0, 8.0], [2.0, 3.0, 4.0, 5.0], [1.0, 2.0]]
+    assert set(older["valid_item"].to_pylist()) == set(older["test_item"].to_pylist()) == {0}
+    assert older["valid_value"].null_count == older["test_value"].null_count == 3
+    labels = training_batch(out, max_len=3, include_valid=True)["labels"]  # [6, 3]
+    user0 = labels[[0, 3, 4, 5]].flatten().tolist()
+    assert sorted(x for x in user0 if x) == list(range(2, 12))  # 2..11, each once; 1 is never a label
+    assert labels[1].tolist() == [21, 22, 23] and labels[2].tolist() == [0, 0, 31]
+    # without the validation items: user 0 has 10 items (windows 7..10, 4..7, 1..4), user 2 none
+    assert trainable_rows(rows, include_valid=False, window=3)["train_items"].to_pylist()[2:] == [
+        [4, 5, 6, 7],
+        [1, 2, 3, 4],
+    ]
+    assert trainable_rows(rows, include_valid=True, window=20).equals(rows)  # nothing older than a window
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        trainable_rows(rows, include_valid=True, window=0)
+
+
 def test_eval_batch_history_and_targets_per_split() -> None:
     valid = eval_batch(ROWS, "valid", max_len=2)
     assert valid.targets.tolist() == [5, 6]  # the third user has no validation target
@@ -107,3 +145,24 @@ def test_eval_batch_history_and_targets_per_split() -> None:
     assert test.seen.tolist()[1] == [0, 0, 0, 5, 6]
     with pytest.raises(ValueError, match="split must be one of"):
         eval_batch(ROWS, "train", 2)
+
+
+def test_the_training_window_is_the_max_seq_len_of_the_model_that_trains(tmp_path: Path) -> None:
+    from rec_serve.synthetic import write_tiny_model
+    from rec_train.errors import RayrecError
+    from rec_train.train.launch import training_window
+
+    def window(*overrides: str, init_from: str | None = None, max_seq_len: int | None = None) -> int | None:
+        config = load_config(TrainConfig, None, ["data.path=d", "model.size=ml-1m", *overrides])
+        return training_window(config, num_items=50, max_seq_len=max_seq_len, init_from=init_from)
+
+    assert window() is None  # data.windows=last
+    assert window("data.windows=all") == 200  # the size's
+    assert window("data.windows=all", max_seq_len=64) == 64  # the dataset's or model.max_seq_len
+    assert window("data.windows=all", "model.overrides.max_seq_len=32", max_seq_len=64) == 32
+    exported = write_tiny_model(tmp_path / "model")
+    assert window("data.windows=all", init_from=str(exported)) == 20  # the tiny size's, not ml-1m's
+    with pytest.raises(RayrecError, match="neither an exported model"):
+        window("data.windows=all", init_from=str(tmp_path))
+    with pytest.raises(ConfigError, match="data.windows"):
+        window("data.windows=some")
