@@ -50,6 +50,7 @@ from rec_train.train.batches import trainable_rows
 from rec_train.train.checkpoint import TRAINER_STATE, load_model
 from rec_train.train.config import TrainConfig
 from rec_train.train.evaluate import evaluate_model, evaluate_popularity
+from rec_train.train.launch import training_window
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("published", "strict")
@@ -223,6 +224,7 @@ def run_protocol(
         "users": int(figures["users"]),
         "epochs": epochs[-1]["epoch"] if epochs else 0,
         "epochs_planned": config.train.epochs,
+        "training_rows": rows,
         "reported_epoch": info["trainer_state"]["epoch"],
         "stopped_by_budget": stopped,
         "early_stopped": any(r.get("early_stopped") for r in epochs),
@@ -272,12 +274,14 @@ def main() -> None:
     started = time.perf_counter()
     data = prepare_dataset(args.data_dir, work)
     sequences = read_sequences(data)
-    training_rows = {
-        "published": trainable_rows(sequences, include_valid=True).num_rows,
-        "strict": trainable_rows(sequences, include_valid=False).num_rows,
-    }
     num_items = int(read_items(data)["item_index"].to_numpy().max())
     config = load_config(TrainConfig, args.config, [*args.overrides, f"data.path={data}"])
+    max_seq_len = config.model.max_seq_len or load_manifest(data).get("max_seq_len")
+    window = training_window(config, num_items, max_seq_len, None)  # data.windows=all: more rows
+    training_rows = {
+        "published": trainable_rows(sequences, include_valid=True, window=window).num_rows,
+        "strict": trainable_rows(sequences, include_valid=False, window=window).num_rows,
+    }
     threads = config.train.torch_threads or max(1, int(config.scaling.cpus_per_worker))
     result: dict[str, Any] = {
         "benchmark": "quality_ml1m",

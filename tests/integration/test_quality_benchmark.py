@@ -4,9 +4,11 @@ on Ray Train + DeepSpeed, rayrec's evaluator, the popularity baseline, one JSON 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,7 @@ def test_benchmark_prints_one_json_line_with_the_figures(shared_data: Path, tmp_
     cmd = [
         sys.executable, "benchmarks/quality_ml1m.py", str(shared_data / "ml-100k"), "--work-dir", str(tmp_path),
         "train.epochs=1", "train.torch_threads=1", "model.max_seq_len=50", "eval.batch_size=256",
+        "data.windows=all",
     ]  # fmt: skip
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -49,6 +52,15 @@ def test_benchmark_prints_one_json_line_with_the_figures(shared_data: Path, tmp_
     assert run["eval_s"] > 0  # the one epoch is evaluated
     assert 0 < run["train_s"] + run["eval_s"] < run["wall_s"]
     check_figures(run)
+    # data.windows=all: n training items (all but the test item) make 1 + (n - 2) // 50 rows of <= 51 items
+    users = Counter(
+        line.split("\t")[0] for line in (shared_data / "ml-100k" / "u.data").read_text().splitlines()
+    )
+    rows = sum(1 + (n - 1 - 2) // 50 for n in users.values())
+    assert run["training_rows"] == rows > 943
+    records = [json.loads(line) for line in Path(run["run"], "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [math.ceil(rows // 2 / 16)]  # each of the 2 workers takes half, in batches of 16
     check_figures(result["popularity"])
     # ml-1m.yaml fuses MiniLM vectors of the items' texts with the IDs: written on the first run
     text = result["text_embeddings"]
