@@ -1,8 +1,8 @@
 """Rows of the sequences table (docs/formats.md) -> model tensors, built on each worker.
 
-Training: one row per user; the input is the sequence without its last item and the labels are the
-sequence shifted by one (`labels[b, t]` is the item after position t), both left-padded so the most
-recent item sits at -1. Evaluation: the history and the held-out target of one split.
+Training: one row per user (and, under `data.windows=all`, one per older window of a long history);
+the input is the sequence without its last item and the labels are the sequence shifted by one
+(`labels[b, t]` is the item after position t), both left-padded so the most recent item sits at -1. Evaluation: the history and the held-out target of one split.
 """
 
 from __future__ import annotations
