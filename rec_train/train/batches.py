@@ -2,7 +2,8 @@
 
 Training: one row per user (and, under `data.windows=all`, one per older window of a long history);
 the input is the sequence without its last item and the labels are the sequence shifted by one
-(`labels[b, t]` is the item after position t), both left-padded so the most recent item sits at -1. Evaluation: the history and the held-out target of one split.
+(`labels[b, t]` is the item after position t), both left-padded so the most recent item sits at -1.
+Evaluation: the history and the held-out target of one split.
 """
 
 from __future__ import annotations
@@ -95,42 +96,40 @@ def trainable_rows(rows: pa.Table, include_valid: bool, window: int | None = Non
     length = pc.list_value_length(rows["train_items"]).fill_null(0)
     if include_valid:
         length = pc.add(length, pc.cast(pc.not_equal(rows["valid_item"], 0), pa.int32()))
-    rows = rows.filter(pc.greater_equal(length, 2))
+    keep = pc.greater_equal(length, 2)
+    rows = rows.filter(keep)
     if window is None:
         return rows
-    older = older_windows(rows, include_valid, window)
+    older = older_windows(rows, length.filter(keep).to_pylist(), window)
     return pa.concat_tables([rows, older]) if older.num_rows else rows
 
 
-def older_windows(rows: pa.Table, include_valid: bool, window: int) -> pa.Table:
-    """The rows of `trainable_rows(rows, include_valid, window)` before each user's newest window."""
+def older_windows(rows: pa.Table, lengths: list[int], window: int) -> pa.Table:
+    """The rows of `trainable_rows` before each user's newest window; `lengths` are the users' numbers
+    of training items (`train_items`, plus the validation item when it is trained on)."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    has_values = "values" in rows.column_names
-    items_col, valid_col = rows["train_items"].to_pylist(), rows["valid_item"].to_pylist()
-    values_col = rows["values"].to_pylist() if has_values else [None] * rows.num_rows
     picked, starts, ends = [], [], []  # row index and [start, end) into train_items of each older window
-    for r, (items, valid) in enumerate(zip(items_col, valid_col, strict=True)):
-        n = len(training_sequence(items, valid, include_valid))
+    for r, n in enumerate(lengths):
         end = n - window  # labels of the window that ends here start `window` items later
         while end >= 2:
             picked.append(r), starts.append(max(0, end - window - 1)), ends.append(end)
             end -= window
-    take = pa.array(picked, pa.int64())
-    out = {name: rows[name].take(take) for name in rows.column_names}
-    out["train_items"] = pa.array(
-        [items_col[r][a:b] for r, a, b in zip(picked, starts, ends, strict=True)], rows["train_items"].type
-    )
-    for name in ("valid_item", "test_item"):
-        if name in out:
-            out[name] = pa.array([0] * len(picked), rows[name].type)
-    if has_values:
-        out["values"] = pa.array(
-            [values_col[r][a:b] for r, a, b in zip(picked, starts, ends, strict=True)], rows["values"].type
+
+    def sliced(name: str) -> pa.Array:
+        column = rows[name].to_pylist()
+        return pa.array(
+            [column[r][a:b] for r, a, b in zip(picked, starts, ends, strict=True)], rows[name].type
         )
-        for name in ("valid_value", "test_value"):
-            if name in out:
-                out[name] = pa.nulls(len(picked), rows[name].type)
+
+    out = {name: rows[name].take(pa.array(picked, pa.int64())) for name in rows.column_names}
+    for name in rows.column_names:
+        if name in ("train_items", "values"):  # `values` follows the sequence that `train_items` starts
+            out[name] = sliced(name)
+        elif name in ("valid_item", "test_item"):
+            out[name] = pa.array([0] * len(picked), rows[name].type)
+        elif name in ("valid_value", "test_value"):
+            out[name] = pa.nulls(len(picked), rows[name].type)
     return pa.table(out, schema=rows.schema)
 
 

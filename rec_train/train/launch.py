@@ -108,15 +108,14 @@ def training_window(
 ) -> int | None:
     """Under `data.windows=all`, the max_seq_len of the model that will train (older items train in
     windows of it); None under `last`."""
-    from rec_train.model.sizes import build_config
     from rec_train.train.checkpoint import model_max_seq_len
+    from rec_train.train.model_init import fresh_model_config
 
     if config.data.windows == "last":
         return None
     if init_from is not None:
         return model_max_seq_len(init_from)
-    fixed = {"num_items": num_items, **({"max_seq_len": max_seq_len} if max_seq_len else {})}
-    return build_config(config.model.size, **{**fixed, **config.model.overrides}).max_seq_len
+    return fresh_model_config(config, num_items, max_seq_len).max_seq_len
 
 
 def launch(config: TrainConfig, init_from: str | None = None, show_progress: bool = True) -> dict[str, Any]:

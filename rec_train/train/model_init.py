@@ -15,7 +15,7 @@ import torch
 
 from rec_train import storage
 from rec_train.errors import DataError
-from rec_train.model import RecModel, build_config
+from rec_train.model import RecConfig, RecModel, build_config
 from rec_train.train.config import FinetuneSection, TrainConfig
 
 
@@ -56,6 +56,12 @@ def read_text_embeddings(data_path: str) -> torch.Tensor:
     return read_item_text_embeddings(data_path)[0].float()
 
 
+def fresh_model_config(config: TrainConfig, num_items: int, max_seq_len: int | None) -> RecConfig:
+    """The config of a new model: `config.model.size` with the dataset's figures, then the overrides."""
+    fixed = {"num_items": num_items, **({"max_seq_len": max_seq_len} if max_seq_len else {})}
+    return build_config(config.model.size, **{**fixed, **config.model.overrides})
+
+
 def build_model(
     config: TrainConfig,
     num_items: int,
@@ -67,8 +73,7 @@ def build_model(
     """A fresh model of `config.model.size`, or the model at `init_from` grown to `num_items`; for a
     pointwise task, with a head of that kind (a new one starts at `target_mean`, the mean target)."""
     if init_from is None:
-        fixed = {"num_items": num_items, **({"max_seq_len": max_seq_len} if max_seq_len else {})}
-        model_config = build_config(config.model.size, **{**fixed, **config.model.overrides})
+        model_config = fresh_model_config(config, num_items, max_seq_len)
         model = RecModel(model_config)
         if model_config.uses_text:
             model.set_item_text_embeddings(read_text_embeddings(config.data.path))
