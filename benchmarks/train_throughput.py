@@ -8,6 +8,9 @@ instead), under (a) a single-process PyTorch loop of the same model, batches and
 DeepSpeed), and rayrec with (b) 1 worker ZeRO-0, (c) 2 workers ZeRO-2, (d) 2 workers ZeRO-3. The figure
 is the last epoch's (the first pays for start-up); evaluation is not timed.
 
+Length grouping: rayrec with 2 workers on random batches against batches grouped by history length
+(`data.group_by_length=50 train.loss_per=position`), same data and model, their ratio.
+
 Memory: peak memory per worker (resident memory on CPUs, allocated memory on GPUs) of 2 workers
 under ZeRO 0, 1, 2 and 3 for a model with a large item table (`--memory-items` rows of width 128),
 where parameters, gradients and AdamW states dominate. Prints one JSON line.
@@ -122,7 +125,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--memory-items", type=int, default=400_000, help="item rows of the memory model")
     parser.add_argument(
-        "--part", choices=["all", "throughput", "memory"], default="all", help="what to measure"
+        "--part", choices=["all", "throughput", "grouping", "memory"], default="all", help="what to measure"
     )
     args = parser.parse_args()
 
@@ -142,20 +145,33 @@ def main() -> None:
         "parameters": count_parameters(build_config("ml-1m"))["total"], "batch_size": args.batch_size,
     }  # fmt: skip
     base = load_config(TrainConfig, None, [f"data.path={data}", *common])
-    if args.part != "memory":
+    if args.part in ("all", "throughput"):
         figures["plain_pytorch_seq_per_s"] = round(plain_pytorch(data, base, args.epochs), 1)
 
     ray.init(num_cpus=max(os.cpu_count() or 1, 3), include_dashboard=False, log_to_driver=False)
-    setups = {} if args.part == "memory" else {
+    setups = {} if args.part not in ("all", "throughput") else {
         "rayrec_1w_zero0": ["scaling.num_workers=1", f"scaling.cpus_per_worker={os.cpu_count() or 1}", "deepspeed.zero_stage=0"],
         "rayrec_2w_zero2": ["scaling.num_workers=2", "deepspeed.zero_stage=2"],
         "rayrec_2w_zero3": ["scaling.num_workers=2", "deepspeed.zero_stage=3"],
     }  # fmt: skip
+    if args.part in ("all", "grouping"):
+        random_batches = ["scaling.num_workers=2", "deepspeed.zero_stage=0", "train.torch_threads=1"]
+        setups["rayrec_2w_random_batches"] = random_batches
+        setups["rayrec_2w_grouped_by_length"] = [
+            *random_batches,
+            "data.group_by_length=50",
+            "train.loss_per=position",
+        ]
     for key, extra in setups.items():
         records = rayrec_run(data, runs, key, [*common, *extra])
         figures[f"{key}_seq_per_s"] = round(records[-1]["sequences_per_s"], 1)
+    if args.part in ("all", "grouping"):
+        grouped = figures["rayrec_2w_grouped_by_length_seq_per_s"]
+        figures["grouped_to_random_batches"] = round(
+            grouped / figures["rayrec_2w_random_batches_seq_per_s"], 2
+        )
 
-    if args.part != "throughput":
+    if args.part in ("all", "memory"):
         memory_model = [
             "model.size=tiny", "eval.batch_size=64",
             "model.overrides={hidden_size: 128, intermediate_size: 256, loss: sampled_softmax, num_negatives: 128}",

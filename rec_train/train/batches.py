@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -50,6 +51,13 @@ def training_batch(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def position_share(batch: dict[str, torch.Tensor], batch_size: int, max_len: int) -> float:
+    """Labelled positions of a training batch (`labels`, or `candidates` of a pointwise batch) over the
+    `batch_size * max_len` of a full batch: the weight of its mean loss under `train.loss_per=position`."""
+    labelled = batch["labels"] if "labels" in batch else batch["candidates"]
+    return int((labelled != 0).sum()) / (batch_size * max_len)
+
+
 def pointwise_batch(
     rows: pa.RecordBatch | pa.Table, max_len: int, include_valid: bool, task: str, click_threshold: float
 ) -> dict[str, torch.Tensor]:
@@ -84,6 +92,25 @@ def pointwise_batch(
             "targets": target_values}  # fmt: skip
 
 
+def training_lengths(rows: pa.Table, include_valid: bool) -> pa.Array:
+    """Each row's number of training items: `train_items`, plus the validation item when it is trained on."""
+    length = pc.list_value_length(rows["train_items"]).fill_null(0)
+    if include_valid:
+        length = pc.add(length, pc.cast(pc.not_equal(rows["valid_item"], 0).fill_null(False), pa.int32()))
+    return length
+
+
+def grouped_by_length(
+    rows: pa.Table, batch_size: int, include_valid: bool, rng: np.random.Generator
+) -> list[pa.Table]:
+    """`rows` sorted by training length (longest first), cut into batches of `batch_size`, in the order of
+    `rng`'s permutation: a batch pads less (`training_batch` pads to its longest row). With the same `rng`
+    on every worker, equal shares of similar rows give every worker a batch of similar length at each step."""
+    order = np.argsort(-training_lengths(rows, include_valid).to_numpy(), kind="stable")
+    batches = [rows.take(order[i : i + batch_size]) for i in range(0, rows.num_rows, batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def trainable_rows(rows: pa.Table, include_valid: bool, window: int | None = None) -> pa.Table:
     """Users with at least two training items (one input, one label); the others give no loss.
 
@@ -93,9 +120,7 @@ def trainable_rows(rows: pa.Table, include_valid: bool, window: int | None = Non
     labels start, so every item after the first is a label exactly once. Older rows have no
     validation or test target.
     """
-    length = pc.list_value_length(rows["train_items"]).fill_null(0)
-    if include_valid:
-        length = pc.add(length, pc.cast(pc.not_equal(rows["valid_item"], 0), pa.int32()))
+    length = training_lengths(rows, include_valid)
     keep = pc.greater_equal(length, 2)
     rows = rows.filter(keep)
     if window is None:

@@ -31,6 +31,12 @@ class DataSection(StrictModel):
     shuffle_buffer: int = Field(
         2048, ge=0, description="rows in each worker's local shuffle buffer (0: none)"
     )
+    group_by_length: int = Field(
+        0,
+        ge=0,
+        description="sort each run of this many batches by history length before cutting it into batches, "
+        "so a batch pads less (faster when histories differ in length; 0: off, random batches)",
+    )
     windows: Literal["last", "all"] = Field(
         "last",
         description="last: each user trains on their newest max_seq_len + 1 items; all: a longer history "
@@ -80,7 +86,14 @@ class TrainSection(StrictModel):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1, description="sequences per worker per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    seed: int = 0
+    loss_per: Literal["batch", "position"] = Field(
+        "batch",
+        description="batch: a batch's loss is the mean over its labelled positions, every batch weighs the "
+        "same; position: that mean times the batch's share of batch_size x max_seq_len positions, so every "
+        "position weighs the same whatever its batch (for data.group_by_length, whose batches of short "
+        "histories have few positions)",
+    )
+    seed: int = Field(0, ge=0)
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker (default: its CPUs)")
 
 

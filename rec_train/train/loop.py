@@ -14,11 +14,13 @@ import random
 import resource
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray.train
 import torch
 import torch.distributed as dist
@@ -26,7 +28,7 @@ import torch.distributed as dist
 from rec_train import storage
 from rec_train.data.dataset import read_items
 from rec_train.train import checkpoint as ckpt
-from rec_train.train.batches import pointwise_batch, training_batch
+from rec_train.train.batches import grouped_by_length, pointwise_batch, position_share, training_batch
 from rec_train.train.config import TrainConfig
 from rec_train.train.deepspeed_config import deepspeed_config
 from rec_train.train.evaluate import model_scores, pointwise_predictions, split_histogram
@@ -116,6 +118,19 @@ def _plain_copy(module: torch.nn.Module, config: TrainConfig) -> torch.nn.Module
     return plain.eval()
 
 
+def _batches(chunks: Iterable[pa.Table], config: TrainConfig, epoch: int) -> Iterator[pa.Table]:
+    """Training batches from the shard's chunks of `batch_size * group_by_length` rows (of `batch_size`
+    rows when grouping is off). The batch order of a group is drawn from the run's seed, the epoch and the
+    chunk, the same on every worker."""
+    group, size = config.data.group_by_length, config.train.batch_size
+    for index, chunk in enumerate(chunks):
+        if not group:
+            yield chunk
+            continue
+        rng = np.random.default_rng([config.train.seed, epoch, index])
+        yield from grouped_by_length(chunk, size, config.data.include_valid, rng)
+
+
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     import deepspeed
 
@@ -183,12 +198,13 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     while not stop:
         epoch = state.epoch + 1
         start, loss_sum, micro_batches, sequences = time.perf_counter(), torch.zeros((), device=device), 0, 0
-        rows_iter = train_shard.iter_batches(
-            batch_size=config.train.batch_size, batch_format="pyarrow", prefetch_batches=2,
+        size, group = config.train.batch_size, config.data.group_by_length
+        chunks = train_shard.iter_batches(
+            batch_size=size * max(1, group), batch_format="pyarrow", prefetch_batches=2,
             local_shuffle_buffer_size=config.data.shuffle_buffer or None,
             local_shuffle_seed=seed + epoch if config.data.shuffle_buffer else None,
         )  # fmt: skip
-        for rows in rows_iter:
+        for rows in _batches(chunks, config, epoch):
             if config.task == "next_item":
                 batch = training_batch(rows, max_seq_len, config.data.include_valid)
             else:
@@ -197,7 +213,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 )
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss = engine(**batch).loss
-            engine.backward(loss)
+            weight = position_share(batch, size, max_seq_len) if config.train.loss_per == "position" else 1.0
+            engine.backward(loss * weight)
             engine.step()
             loss_sum += loss.detach().float()
             micro_batches += 1

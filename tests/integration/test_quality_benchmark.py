@@ -1,5 +1,6 @@
 """benchmarks/quality_ml1m.py end to end on MovieLens-100K with one epoch: prepare, `rec-train pretrain`
-on Ray Train + DeepSpeed, rayrec's evaluator, the popularity baseline, one JSON line."""
+on Ray Train + DeepSpeed (older items in windows, batches grouped by length), rayrec's evaluator, the
+popularity baseline, one JSON line."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def test_benchmark_prints_one_json_line_with_the_figures(shared_data: Path, tmp_
     cmd = [
         sys.executable, "benchmarks/quality_ml1m.py", str(shared_data / "ml-100k"), "--work-dir", str(tmp_path),
         "train.epochs=1", "train.torch_threads=1", "model.max_seq_len=50", "eval.batch_size=256",
-        "data.windows=all",
+        "data.windows=all", "data.group_by_length=4", "train.loss_per=position",
     ]  # fmt: skip
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -60,7 +61,8 @@ def test_benchmark_prints_one_json_line_with_the_figures(shared_data: Path, tmp_
     assert run["training_rows"] == rows > 943
     records = [json.loads(line) for line in Path(run["run"], "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
-    assert steps == [math.ceil(rows // 2 / 16)]  # each of the 2 workers takes half, in batches of 16
+    # each of the 2 workers takes half, in batches of 16 (grouped by length in runs of 4 batches)
+    assert steps == [math.ceil(rows // 2 / 16)]
     check_figures(result["popularity"])
     # ml-1m.yaml fuses MiniLM vectors of the items' texts with the IDs: written on the first run
     text = result["text_embeddings"]

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from rec_train.config import ConfigError, load_config
-from rec_train.train.batches import eval_batch, trainable_rows, training_batch
+from rec_train.train.batches import (
+    eval_batch,
+    grouped_by_length,
+    pointwise_batch,
+    position_share,
+    trainable_rows,
+    training_batch,
+)
 from rec_train.train.config import TrainConfig
 from rec_train.train.deepspeed_config import deepspeed_config
 from rec_train.train.optim import lr_lambda
@@ -133,6 +141,72 @@ def test_windows_make_every_older_item_a_label_exactly_once() -> None:
     assert trainable_rows(rows, include_valid=True, window=20).equals(rows)  # nothing older than a window
     with pytest.raises(ValueError, match="window must be >= 1"):
         trainable_rows(rows, include_valid=True, window=0)
+
+
+def test_grouping_by_length_pads_less_and_orders_batches_alike_on_every_worker() -> None:
+    def rows(lengths: list[int], valid: list[int] | None = None) -> pa.Table:
+        n = len(lengths)
+        return pa.table(
+            {
+                "user_index": pa.array(range(n), pa.int32()),
+                "train_items": pa.array([list(range(1, k + 1)) for k in lengths], pa.list_(pa.int32())),
+                "valid_item": pa.array(valid or [0] * n, pa.int32()),
+                "test_item": pa.array([0] * n, pa.int32()),
+            }
+        )
+
+    lengths = [3, 9, 2, 7, 5, 8, 4, 6, 10, 11, 12]  # 11 rows: batches of 4, 4 and 3
+    table = rows(lengths)
+    batches = grouped_by_length(table, 4, include_valid=False, rng=np.random.default_rng(7))
+    assert [b.num_rows for b in batches].count(4) == 2 and sum(b.num_rows for b in batches) == 11
+    users = sorted(u for b in batches for u in b["user_index"].to_pylist())
+    assert users == list(range(11))  # every row once
+    groups = sorted(sorted(len(x) for x in b["train_items"].to_pylist()) for b in batches)
+    assert groups == [[2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]  # neighbours in length, longest first
+    width = sum(training_batch(b, 20, False)["input_ids"].shape[1] for b in batches)
+    assert width == 11 + 7 + 3  # each batch pads to its longest row (less one: the last item is a label)
+    # another worker's rows of other lengths, the same rng: the same order of length ranks
+    other = grouped_by_length(rows([k + 1 for k in lengths]), 4, False, np.random.default_rng(7))
+    longest = [max(len(x) for x in b["train_items"].to_pylist()) for b in batches]
+    assert [max(len(x) for x in b["train_items"].to_pylist()) for b in other] == [k + 1 for k in longest]
+    # the validation item counts when it is trained on
+    same = rows([3, 3, 3, 3], valid=[0, 99, 0, 99])
+    for include_valid, pairs in ((True, [[0, 2], [1, 3]]), (False, [[0, 1], [2, 3]])):
+        grouped = grouped_by_length(same, 2, include_valid, np.random.default_rng(0))
+        assert sorted(b["user_index"].to_pylist() for b in grouped) == pairs
+
+    # the training loop: chunks of batch_size x group_by_length rows; the order depends on seed, epoch, chunk
+    from rec_train.train.loop import _batches
+
+    def orders(group: int, epoch: int) -> list[list[int]]:
+        config = load_config(
+            TrainConfig, None, ["data.path=d", "train.batch_size=2", f"data.group_by_length={group}"]
+        )
+        chunks = [table.slice(0, 6), table.slice(6)]
+        return [b["user_index"].to_pylist() for b in _batches(chunks, config, epoch)]
+
+    assert orders(0, 1) == [list(range(6)), list(range(6, 11))]  # off: the chunks as they come
+    first = orders(3, 1)
+    assert [len(b) for b in first].count(2) == 5 and sorted(sum(first, [])) == list(range(11))
+    assert orders(3, 1) == first and any(orders(3, epoch) != first for epoch in (2, 3, 4))
+
+
+def test_position_share_weighs_a_batch_by_its_labelled_positions() -> None:
+    rows = pa.table(
+        {
+            "train_items": pa.array([[1, 2, 3, 4], [5, 6]], pa.list_(pa.int32())),
+            "valid_item": pa.array([7, 0], pa.int32()),
+            "values": pa.array([[4.0, None, 3.0, 5.0], [1.0, 2.0]], pa.list_(pa.float32())),
+            "valid_value": pa.array([2.0, None], pa.float32()),
+        }
+    )
+    batch = training_batch(rows, max_len=8, include_valid=True)  # labels 2, 3, 4, 7 and 6
+    assert position_share(batch, batch_size=2, max_len=8) == 5 / 16
+    assert position_share(batch, batch_size=4, max_len=10) == 5 / 40  # a full batch's positions
+    rated = pointwise_batch(rows, 8, True, "rating", 3.5)  # item 2 has no rating: 3, 4, 7 and 6
+    assert position_share(rated, batch_size=2, max_len=8) == 4 / 16
+    with pytest.raises(ConfigError, match="train.loss_per"):
+        load_config(TrainConfig, None, ["data.path=d", "train.loss_per=token"])
 
 
 def test_eval_batch_history_and_targets_per_split() -> None:
