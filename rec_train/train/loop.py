@@ -211,9 +211,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 batch = pointwise_batch(
                     rows, max_seq_len, config.data.include_valid, config.task, config.finetune.click_threshold
                 )
+            weight = position_share(batch, size, max_seq_len) if config.train.loss_per == "position" else 1.0
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss = engine(**batch).loss
-            weight = position_share(batch, size, max_seq_len) if config.train.loss_per == "position" else 1.0
             engine.backward(loss * weight)
             engine.step()
             loss_sum += loss.detach().float()
