@@ -11,6 +11,7 @@ FUSIONS = ("sum", "concat", "gate")
 OBJECTIVES = ("next_item", "masked_item")
 LOSSES = ("full_softmax", "sampled_softmax")
 NEGATIVE_SAMPLERS = ("in_batch", "uniform", "popularity")
+NEGATIVES_PER = ("batch", "position")
 POINTWISE_HEADS = ("rating", "click")
 
 
@@ -52,6 +53,7 @@ class RecConfig(PretrainedConfig):
     loss: str = "full_softmax"
     negative_sampler: str = "in_batch"
     num_negatives: int = 128
+    negatives_per: str = "batch"
     temperature: float = 1.0
     l2_normalize: bool = False
     logq_correction: bool = False
@@ -71,6 +73,7 @@ class RecConfig(PretrainedConfig):
             "objective": OBJECTIVES,
             "loss": LOSSES,
             "negative_sampler": NEGATIVE_SAMPLERS,
+            "negatives_per": NEGATIVES_PER,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

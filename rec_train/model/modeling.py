@@ -7,6 +7,7 @@ position t (0 = no loss there). Training, evaluation and serving share `encode_u
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -255,36 +256,46 @@ class RecModel(RecPreTrainedModel):
             logits = hidden @ self.item_embeddings().T  # [M, N + 1]
             logits[:, 0] = float("-inf")  # padding is never a target
             return F.cross_entropy(logits, targets)
-        negatives = self._sample_negatives(targets)  # [K]
+        shared = cfg.negatives_per == "batch"
+        negatives = self._sample_negatives(
+            targets, (cfg.num_negatives,) if shared else (len(targets), cfg.num_negatives)
+        )
         pos = self._normalise(self.items(targets))  # [M, d]
-        neg = self._normalise(self.items(negatives))  # [K, d]
-        logits = torch.cat([(hidden * pos).sum(-1, keepdim=True), hidden @ neg.T], dim=1)  # [M, 1 + K]
+        if shared:  # [K]
+            neg_logits = hidden @ self._normalise(self.items(negatives)).T  # [M, K]
+        else:  # [M, K]: the item table once (cheaper than M x K text projections), then a gather
+            table = self.item_embeddings()  # [N + 1, d]
+            if cfg.num_negatives * table.shape[1] > table.shape[0]:  # [M, N + 1] is smaller than [M, K, d]
+                neg_logits = torch.gather(hidden @ table.T, 1, negatives)  # [M, K]
+            else:
+                neg_logits = torch.bmm(table[negatives], hidden[:, :, None]).squeeze(-1)  # [M, K]
+        logits = torch.cat([(hidden * pos).sum(-1, keepdim=True), neg_logits], dim=1)  # [M, 1 + K]
         if cfg.logq_correction and cfg.negative_sampler != "uniform":
             log_q = self._log_sampling_prob(targets)
             logits = logits - torch.cat(
-                [log_q[targets][:, None], log_q[negatives][None, :].expand(len(targets), -1)], 1
+                [log_q[targets][:, None], log_q[negatives].expand(len(targets), -1)], 1
             )
         hits = torch.cat(
-            [torch.zeros_like(targets[:, None], dtype=torch.bool), negatives[None, :] == targets[:, None]], 1
+            [torch.zeros_like(targets[:, None], dtype=torch.bool), negatives == targets[:, None]], 1
         )
         logits = logits.masked_fill(hits, float("-inf"))  # [M, 1 + K]; a sampled positive is not a negative
         return F.cross_entropy(logits, torch.zeros_like(targets))
 
-    def _sample_negatives(self, targets: torch.Tensor) -> torch.Tensor:
-        """K = num_negatives item indices shared by the batch."""
-        k, device = self.config.num_negatives, targets.device
+    def _sample_negatives(self, targets: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Item indices of `shape`: [K] shared by the batch, or [M, K] for each of the M positions."""
+        device = targets.device
         sampler = self.config.negative_sampler
         if sampler == "in_batch":
-            return targets[torch.randint(len(targets), (k,), device=device)]
+            return targets[torch.randint(len(targets), shape, device=device)]
         if sampler == "uniform":
-            return torch.randint(1, self.config.num_items + 1, (k,), device=device)
+            return torch.randint(1, self.config.num_items + 1, shape, device=device)
         counts = self.item_counts[1:].float()
         if counts.sum() <= 0:
             raise ValueError(
                 "negative_sampler='popularity' needs item counts: call model.set_item_counts(counts) "
                 "with the `count` column of items.parquet"
             )
-        return torch.multinomial(counts, k, replacement=True) + 1
+        return (torch.multinomial(counts, math.prod(shape), replacement=True) + 1).view(shape)
 
     def _log_sampling_prob(self, targets: torch.Tensor) -> torch.Tensor:
         """log q(item) [N + 1] for the logQ correction: popularity from `item_counts`, else from the batch."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel
@@ -119,6 +120,16 @@ LOSSES = {
     "sampled_popularity_logq": dict(
         loss="sampled_softmax", negative_sampler="popularity", num_negatives=16, logq_correction=True
     ),
+    "sampled_uniform_per_position": dict(
+        loss="sampled_softmax", negative_sampler="uniform", num_negatives=8, negatives_per="position"
+    ),
+    "sampled_popularity_logq_per_position": dict(
+        loss="sampled_softmax",
+        negative_sampler="popularity",
+        num_negatives=8,
+        logq_correction=True,
+        negatives_per="position",
+    ),
     "masked_item": dict(encoder="bert", objective="masked_item", mask_prob=0.5),
     "hstu_sampled": dict(encoder="hstu", loss="sampled_softmax", num_negatives=16),
     "sasrec_full": dict(encoder="sasrec"),
@@ -177,6 +188,37 @@ def test_sampled_softmax_masks_accidental_hits() -> None:
     input_ids = torch.tensor([[1, 2], [3, 4]])
     labels = torch.tensor([[0, 5], [0, 5]])  # every in-batch negative is the positive itself
     assert model(input_ids, labels=labels).loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("k", [2, 12])  # K x d below and above the 51 rows of the item table
+def test_per_position_negatives_match_a_hand_computed_loss(k: int) -> None:
+    model = make(
+        loss="sampled_softmax",
+        negative_sampler="uniform",
+        num_negatives=k,
+        negatives_per="position",
+        l2_normalize=True,
+        temperature=0.5,
+        item_representation="id+text",
+        text_dim=8,
+    )
+    model.set_item_text_embeddings(torch.randn(51, 8))
+    input_ids, _, labels = next_item_batch([[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12]], 6)
+    labels[0, -1] = 40  # so that some negatives can hit the target
+    torch.manual_seed(7)
+    out = model(input_ids, labels=labels)
+    torch.manual_seed(7)
+    targets = labels[labels != 0].tolist()
+    negatives = torch.randint(1, 51, (len(targets), k)).tolist()  # a row of its own for every position
+    assert len({tuple(row) for row in negatives}) == len(targets)
+    users = out.hidden_states[labels != 0].detach().numpy()
+    table = model.item_embeddings().detach().numpy()
+    expected = []
+    for user, target, row in zip(users, targets, negatives, strict=True):
+        user = user / np.linalg.norm(user) / 0.5
+        logits = [user @ table[target]] + [user @ table[n] for n in row if n != target]
+        expected.append(np.log(np.exp(logits).sum()) - logits[0])
+    assert out.loss.item() == pytest.approx(float(np.mean(expected)), rel=1e-5)
 
 
 def test_popularity_negatives_need_counts() -> None:
@@ -294,6 +336,8 @@ def test_config_errors_name_the_key() -> None:
         build_config("tiny", encoder="gru")
     with pytest.raises(ConfigError, match="text_dim"):
         build_config("tiny", item_representation="text")
+    with pytest.raises(ConfigError, match="model.negatives_per='user'"):
+        build_config("tiny", negatives_per="user")
     with pytest.raises(ConfigError, match="unknown model size"):
         build_config("huge")
 
