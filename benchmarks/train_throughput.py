@@ -1,6 +1,7 @@
 """Training throughput and memory: a plain PyTorch loop against rayrec on Ray Train + DeepSpeed.
 
     python benchmarks/train_throughput.py [--users 6040] [--epochs 2] [--memory-items 400000] [--part all]
+        (--part throughput | grouping | negatives | memory measures one of them)
 
 Throughput: sequences per second of the MovieLens-1M model config (`--size ml-1m`) on sequences shaped
 like MovieLens-1M (6,040 users, 3,706 items, up to 200 items each; `--data` takes a prepared dataset
@@ -10,6 +11,10 @@ is the last epoch's (the first pays for start-up); evaluation is not timed.
 
 Length grouping: rayrec with 2 workers on random batches against batches grouped by history length
 (`data.group_by_length=50 train.loss_per=position`), same data and model, their ratio.
+
+Negatives: the SASRec-equivalent model (`configs/pretrain/ml-1m-sasrec.yaml`: width 50, sampled softmax
+with 128 uniform negatives, 2 workers x 64) with its negatives drawn once per batch against once per
+position (`model.overrides.negatives_per`), same data, their ratio.
 
 Memory: peak memory per worker (resident memory on CPUs, allocated memory on GPUs) of 2 workers
 under ZeRO 0, 1, 2 and 3 for a model with a large item table (`--memory-items` rows of width 128),
@@ -125,7 +130,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--memory-items", type=int, default=400_000, help="item rows of the memory model")
     parser.add_argument(
-        "--part", choices=["all", "throughput", "grouping", "memory"], default="all", help="what to measure"
+        "--part",
+        choices=["all", "throughput", "grouping", "negatives", "memory"],
+        default="all",
+        help="what to measure",
     )
     args = parser.parse_args()
 
@@ -162,6 +170,14 @@ def main() -> None:
             "data.group_by_length=50",
             "train.loss_per=position",
         ]
+    if args.part in ("all", "negatives"):
+        for per in ("batch", "position"):
+            setups[f"rayrec_2w_sasrec_negatives_per_{per}"] = [
+                "scaling.num_workers=2", "deepspeed.zero_stage=0", "train.torch_threads=1", "train.batch_size=64",
+                "model.overrides={hidden_size: 50, num_attention_heads: 1, intermediate_size: 50, hidden_act: relu, "
+                "loss: sampled_softmax, negative_sampler: uniform, num_negatives: 128, temperature: 0.05, "
+                f"l2_normalize: true, negatives_per: {per}}}",
+            ]  # fmt: skip
     for key, extra in setups.items():
         records = rayrec_run(data, runs, key, [*common, *extra])
         figures[f"{key}_seq_per_s"] = round(records[-1]["sequences_per_s"], 1)
@@ -169,6 +185,13 @@ def main() -> None:
         grouped = figures["rayrec_2w_grouped_by_length_seq_per_s"]
         figures["grouped_to_random_batches"] = round(
             grouped / figures["rayrec_2w_random_batches_seq_per_s"], 2
+        )
+
+    if args.part in ("all", "negatives"):
+        figures["negatives_per_position_to_batch"] = round(
+            figures["rayrec_2w_sasrec_negatives_per_position_seq_per_s"]
+            / figures["rayrec_2w_sasrec_negatives_per_batch_seq_per_s"],
+            2,
         )
 
     if args.part in ("all", "memory"):

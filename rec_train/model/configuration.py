@@ -40,6 +40,7 @@ class RecConfig(PretrainedConfig):
     intermediate_size: int = 256
     hidden_act: str = "silu"
     max_seq_len: int = 200
+    scale_embedding: bool = False  # item vectors x sqrt(d) before the encoder, as SASRec
     embedding_dropout: float = 0.1
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
@@ -53,7 +54,7 @@ class RecConfig(PretrainedConfig):
     loss: str = "full_softmax"
     negative_sampler: str = "in_batch"
     num_negatives: int = 128
-    negatives_per: str = "batch"
+    negatives_per: str = "batch"  # batch: K negatives shared by the batch; position: K for every position
     temperature: float = 1.0
     l2_normalize: bool = False
     logq_correction: bool = False

@@ -134,6 +134,8 @@ class RecModel(RecPreTrainedModel):
                 "keep the most recent items (rec_train.data.collate.pad_left)"
             )
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L], 0 = oldest real item
+        if self.config.scale_embedding:  # item vectors x sqrt(d), as SASRec does before adding positions
+            x = x * math.sqrt(x.shape[-1])
         x = self.embedding_dropout(x)
         if self.in_proj is not None:
             x = self.in_proj(x)  # [B, L, D]

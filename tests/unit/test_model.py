@@ -221,6 +221,19 @@ def test_per_position_negatives_match_a_hand_computed_loss(k: int) -> None:
     assert out.loss.item() == pytest.approx(float(np.mean(expected)), rel=1e-5)
 
 
+@pytest.mark.parametrize("encoder", ["llama", "sasrec"])
+def test_scale_embedding_multiplies_item_vectors_by_the_square_root_of_the_width(encoder: str) -> None:
+    scaled = make(encoder=encoder, scale_embedding=True)
+    plain = make(encoder=encoder)
+    plain.load_state_dict(scaled.state_dict())
+    input_ids, mask = pad_left([[1, 2, 3], [4, 5, 6, 7]], 8)
+    before = plain(input_ids, mask).hidden_states
+    with torch.no_grad():
+        plain.items.id_embeddings.weight.mul_(16**0.5)  # d = 16
+    torch.testing.assert_close(scaled(input_ids, mask).hidden_states, plain(input_ids, mask).hidden_states)
+    assert not torch.allclose(before, plain(input_ids, mask).hidden_states)
+
+
 def test_popularity_negatives_need_counts() -> None:
     model = make(loss="sampled_softmax", negative_sampler="popularity")
     with pytest.raises(ValueError, match="set_item_counts"):
