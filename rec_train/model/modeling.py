@@ -262,11 +262,12 @@ class RecModel(RecPreTrainedModel):
         negatives = self._sample_negatives(
             targets, (cfg.num_negatives,) if shared else (len(targets), cfg.num_negatives)
         )
-        pos = self._normalise(self.items(targets))  # [M, d]
         if shared:  # [K]
+            pos = self._normalise(self.items(targets))  # [M, d]
             neg_logits = hidden @ self._normalise(self.items(negatives)).T  # [M, K]
         else:  # [M, K]: the item table once (cheaper than M x K text projections), then a gather
             table = self.item_embeddings()  # [N + 1, d]
+            pos = table[targets]  # [M, d]
             if cfg.num_negatives * table.shape[1] > table.shape[0]:  # [M, N + 1] is smaller than [M, K, d]
                 neg_logits = torch.gather(hidden @ table.T, 1, negatives)  # [M, K]
             else:
