@@ -71,7 +71,11 @@ def bert_config(config: RecConfig) -> BertConfig:
 
 
 class LlamaEncoder(nn.Module):
-    """Causal decoder: Llama blocks (RMSNorm, rotary positions, gated SiLU MLP) from `transformers`."""
+    """Causal decoder: Llama blocks (RMSNorm, rotary positions, gated SiLU MLP) from `transformers`.
+
+    Each block's attention and MLP outputs are dropped with `hidden_dropout` before the residual sum
+    (`LlamaDecoderLayer` has no dropout of its own, so its parts are called here).
+    """
 
     causal = True
 
@@ -81,14 +85,19 @@ class LlamaEncoder(nn.Module):
         self.layers = nn.ModuleList([LlamaDecoderLayer(lc, i) for i in range(config.num_hidden_layers)])
         self.norm = LlamaRMSNorm(lc.hidden_size, eps=lc.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(lc)
+        self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(
         self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
         allowed = attention_allowed(attention_mask, causal=True)
         rotary = self.rotary_emb(x, position_ids)  # (cos, sin) each [B, L, head_dim]
-        for layer in self.layers:
-            x = layer(x, attention_mask=allowed, position_embeddings=rotary)
+        for layer in self.layers:  # x [B, L, D]
+            attended, _ = layer.self_attn(
+                layer.input_layernorm(x), attention_mask=allowed, position_embeddings=rotary
+            )
+            x = x + self.dropout(attended)
+            x = x + self.dropout(layer.mlp(layer.post_attention_layernorm(x)))
         return self.norm(x)
 
 

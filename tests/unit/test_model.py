@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModel
 from rec_train.config import ConfigError
 from rec_train.data.collate import pad_left
 from rec_train.model import RecConfig, RecModel, build_config
-from rec_train.model.encoders import relative_buckets
+from rec_train.model.encoders import attention_allowed, relative_buckets
 
 ENCODERS = {
     "llama": {},
@@ -232,6 +232,29 @@ def test_scale_embedding_multiplies_item_vectors_by_the_square_root_of_the_width
         plain.items.id_embeddings.weight.mul_(16**0.5)  # d = 16
     torch.testing.assert_close(scaled(input_ids, mask).hidden_states, plain(input_ids, mask).hidden_states)
     assert not torch.allclose(before, plain(input_ids, mask).hidden_states)
+
+
+def test_llama_blocks_drop_their_attention_and_mlp_outputs_in_training_only() -> None:
+    encoder = make(encoder="llama", hidden_dropout=0.5).encoder
+    x = torch.randn(2, 6, 16)  # [B, L, D]
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    positions = mask.cumsum(-1).clamp(min=1) - 1
+    evaluated = encoder(x, mask, positions)
+    expected, rotary = x, encoder.rotary_emb(x, positions)  # the Hugging Face layers' own forward
+    for layer in encoder.layers:
+        expected = layer(
+            expected, attention_mask=attention_allowed(mask, causal=True), position_embeddings=rotary
+        )
+    torch.testing.assert_close(evaluated, encoder.norm(expected))
+    encoder.train()
+    torch.manual_seed(0)
+    first = encoder(x, mask, positions)
+    torch.manual_seed(1)
+    assert not torch.allclose(first, encoder(x, mask, positions))
+    torch.manual_seed(0)
+    torch.testing.assert_close(first, encoder(x, mask, positions))
+    encoder.dropout.p = 0.0
+    torch.testing.assert_close(encoder(x, mask, positions), evaluated)
 
 
 def test_popularity_negatives_need_counts() -> None:
