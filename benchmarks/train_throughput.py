@@ -44,6 +44,7 @@ from rec_train.train.batches import trainable_rows, training_batch
 from rec_train.train.config import TrainConfig
 from rec_train.train.optim import build_optimizer
 
+SASREC_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "ml-1m-sasrec.yaml"
 SEQ_SCHEMA = pa.schema(
     [
         ("user_index", pa.int32()), ("user_id", pa.string()), ("items", pa.list_(pa.int32())),
@@ -171,12 +172,11 @@ def main() -> None:
             "train.loss_per=position",
         ]
     if args.part in ("all", "negatives"):
+        sasrec = load_config(TrainConfig, SASREC_CONFIG, [f"data.path={data}"]).model.overrides
         for per in ("batch", "position"):
             setups[f"rayrec_2w_sasrec_negatives_per_{per}"] = [
                 "scaling.num_workers=2", "deepspeed.zero_stage=0", "train.torch_threads=1", "train.batch_size=64",
-                "model.overrides={hidden_size: 50, num_attention_heads: 1, intermediate_size: 50, hidden_act: relu, "
-                "loss: sampled_softmax, negative_sampler: uniform, num_negatives: 128, temperature: 0.05, "
-                f"l2_normalize: true, negatives_per: {per}}}",
+                f"model.overrides={json.dumps({**sasrec, 'negatives_per': per})}",
             ]  # fmt: skip
     for key, extra in setups.items():
         records = rayrec_run(data, runs, key, [*common, *extra])
