@@ -58,6 +58,7 @@ class RecConfig(PretrainedConfig):
     temperature: float = 1.0
     l2_normalize: bool = False
     logq_correction: bool = False
+    exclude_history: bool = False  # full softmax: items up to position t are not negatives of position t
     mask_prob: float = 0.2
     pointwise_head: str | None = None
 
@@ -117,6 +118,11 @@ class RecConfig(PretrainedConfig):
         if self.encoder == "bert" and self.objective != "masked_item":
             raise ValueError(
                 "model.encoder='bert' sees the whole sequence: set model.objective='masked_item'"
+            )
+        if self.exclude_history and (self.loss != "full_softmax" or self.objective != "next_item"):
+            raise ValueError(
+                "model.exclude_history=true needs model.loss='full_softmax' and model.objective='next_item' "
+                f"(got loss={self.loss!r}, objective={self.objective!r})"
             )
         if not self.temperature > 0.0:
             raise ValueError(f"model.temperature must be > 0, got {self.temperature}")

@@ -200,8 +200,20 @@ class RecModel(RecPreTrainedModel):
         loss = None
         if labels is not None:
             at = labels != 0  # [B, L]
-            loss = self._item_loss(hidden[at], labels[at])
+            seen = self._seen_items(input_ids, at) if self.config.exclude_history else None
+            loss = self._item_loss(hidden[at], labels[at], seen)
         return RecOutput(loss=loss, hidden_states=hidden)
+
+    def _seen_items(self, input_ids: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """[M, N + 1] bool: for each labelled position (b, t) of `at` [B, L], the items of `input_ids[b, :t + 1]`."""
+        rows, length = input_ids.shape
+        positions = torch.arange(length, dtype=torch.int32, device=input_ids.device)  # [L]
+        first = torch.full(
+            (rows, self.config.num_items + 1), length, dtype=torch.int32, device=input_ids.device
+        )
+        first.scatter_reduce_(1, input_ids, positions.expand(rows, length), reduce="amin")  # [B, N + 1]
+        b, t = at.nonzero(as_tuple=True)  # [M] each, in the order of `hidden[at]`
+        return first[b] <= t[:, None]  # [M, N + 1]
 
     def _masked_item_forward(self, sequence: torch.Tensor) -> RecOutput:
         real = sequence != 0  # [B, L]
@@ -246,8 +258,11 @@ class RecModel(RecPreTrainedModel):
                 loss = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
         return RecOutput(loss=loss, hidden_states=hidden, pointwise_logits=logits)
 
-    def _item_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Softmax over items for hidden [M, d] with target items [M] (only positions that have one)."""
+    def _item_loss(
+        self, hidden: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Softmax over items for hidden [M, d] with target items [M] (only positions that have one);
+        the items of `seen` [M, N + 1] other than the target are left out of the full softmax."""
         if targets.numel() == 0:
             return hidden.sum() * 0.0
         cfg = self.config
@@ -257,6 +272,8 @@ class RecModel(RecPreTrainedModel):
         if cfg.loss == "full_softmax":
             logits = hidden @ self.item_embeddings().T  # [M, N + 1]
             logits[:, 0] = float("-inf")  # padding is never a target
+            if seen is not None:  # a repeated item stays a target where it is one
+                logits = logits.masked_fill(seen.scatter(1, targets[:, None], False), float("-inf"))
             return F.cross_entropy(logits, targets)
         shared = cfg.negatives_per == "batch"
         negatives = self._sample_negatives(

@@ -221,6 +221,24 @@ def test_per_position_negatives_match_a_hand_computed_loss(k: int) -> None:
     assert out.loss.item() == pytest.approx(float(np.mean(expected)), rel=1e-5)
 
 
+def test_exclude_history_leaves_earlier_items_out_of_the_full_softmax() -> None:
+    model = make(exclude_history=True, l2_normalize=True, temperature=0.5)
+    seqs = [[1, 2, 3, 2, 4], [6, 7, 8]]  # item 2 comes back: a target it stays, once seen
+    input_ids, mask, labels = next_item_batch(seqs, 6)
+    out = model(input_ids, mask, labels=labels)
+    users = out.hidden_states[labels != 0].detach().numpy()
+    table = model.item_embeddings().detach().numpy()
+    expected = []
+    for user, (seq, t) in zip(users, [(s, t) for s in seqs for t in range(len(s) - 1)], strict=True):
+        target, seen = seq[t + 1], set(seq[: t + 1]) - {seq[t + 1]}
+        logits = table[1:] @ (user / np.linalg.norm(user) / 0.5)  # items 1..N
+        kept = [i for i in range(1, len(table)) if i not in seen]
+        expected.append(np.log(np.exp(logits[np.array(kept) - 1]).sum()) - logits[target - 1])
+    assert out.loss.item() == pytest.approx(float(np.mean(expected)), rel=1e-5)
+    plain = make(l2_normalize=True, temperature=0.5)  # same seed, same weights
+    assert plain(input_ids, mask, labels=labels).loss.item() > out.loss.item()  # fewer negatives
+
+
 @pytest.mark.parametrize("encoder", ["llama", "sasrec"])
 def test_scale_embedding_multiplies_item_vectors_by_the_square_root_of_the_width(encoder: str) -> None:
     scaled = make(encoder=encoder, scale_embedding=True)
@@ -374,6 +392,8 @@ def test_config_errors_name_the_key() -> None:
         build_config("tiny", item_representation="text")
     with pytest.raises(ConfigError, match="model.negatives_per='user'"):
         build_config("tiny", negatives_per="user")
+    with pytest.raises(ConfigError, match="model.exclude_history=true needs model.loss='full_softmax'"):
+        build_config("tiny", exclude_history=True, loss="sampled_softmax")
     with pytest.raises(ConfigError, match="unknown model size"):
         build_config("huge")
 
