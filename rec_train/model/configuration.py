@@ -122,7 +122,7 @@ class RecConfig(PretrainedConfig):
         if self.exclude_history and (self.loss != "full_softmax" or self.objective != "next_item"):
             raise ValueError(
                 "model.exclude_history=true needs model.loss='full_softmax' and model.objective='next_item' "
-                f"(got loss={self.loss!r}, objective={self.objective!r})"
+                f"(got loss={self.loss!r}, objective={self.objective!r}); set it to false for other losses"
             )
         if not self.temperature > 0.0:
             raise ValueError(f"model.temperature must be > 0, got {self.temperature}")
