@@ -38,6 +38,21 @@ def training_sequence(train_items: list[int], valid_item: int, include_valid: bo
     return [*train_items, valid_item] if include_valid and valid_item else list(train_items)
 
 
+def item_events(rows: pa.Table | pa.RecordBatch, num_items: int, include_valid: bool) -> np.ndarray:
+    """Events per item index [num_items + 1] (int64) in the users' training sequences: `train_items`, plus
+    the validation targets under `include_valid`. Test targets are never counted: what training (popularity
+    negatives, logQ) and evaluation (popularity baseline, beyond-accuracy figures) call popularity."""
+    flat = pc.list_flatten(rows["train_items"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    counts = np.bincount(flat, minlength=num_items + 1)
+    if include_valid:
+        counts += np.bincount(
+            pc.fill_null(rows["valid_item"], 0).to_numpy(zero_copy_only=False).astype(np.int64),
+            minlength=num_items + 1,
+        )
+    counts[0] = 0
+    return counts[: num_items + 1]
+
+
 def training_batch(
     rows: pa.RecordBatch | pa.Table, max_len: int, include_valid: bool
 ) -> dict[str, torch.Tensor]:

@@ -98,9 +98,14 @@ class TrainSection(StrictModel):
 
 
 class EvalSection(StrictModel):
-    """Full ranking over all items, the user's history excluded."""
+    """Full ranking over all items; ties count against the target."""
 
     every_epochs: int = Field(1, ge=1)
+    history: Literal["exclude", "keep"] = Field(
+        "exclude",
+        description="exclude: items the user already saw are not candidates (the published MovieLens "
+        "protocol); keep: they stay candidates (RecBole / UniSRec; where items come back)",
+    )
     ks: list[int] = Field(default_factory=lambda: [10, 50])
     metric: str = Field(
         "ndcg@10",

@@ -1,8 +1,9 @@
-"""Full-ranking evaluation (HR@K, NDCG@K, MRR over all items, history excluded), and `rec-train evaluate`.
+"""Full-ranking evaluation (HR@K, NDCG@K, MRR over all items, beyond-accuracy figures of the top-K
+lists), and `rec-train evaluate`.
 
-`evaluate_model` is the plain single-process function the benchmarks and the demo call; the training
-loop calls `split_histogram` on each worker's share of users and all-reduces the histograms, which
-gives exactly the same numbers (see metrics.py).
+`evaluate_model` is the plain single-process function the benchmarks, export and the demo call; the
+training loop feeds each worker's users through `rank_split` into a `RankingAccumulator` and merges the
+workers' states, which gives exactly the same numbers (see metrics.py).
 """
 
 from __future__ import annotations
@@ -12,12 +13,19 @@ import json
 from collections.abc import Callable, Iterable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from rec_train.model import RecModel
-from rec_train.train.batches import SPLITS, EvalBatch, eval_batch, pointwise_eval_batch
-from rec_train.train.metrics import metrics_from_histogram, pointwise_metrics, rank_histogram, target_ranks
+from rec_train.ranking import HISTORY_MODES
+from rec_train.train.batches import SPLITS, EvalBatch, eval_batch, item_events, pointwise_eval_batch
+from rec_train.train.metrics import (
+    Catalogue,
+    RankingAccumulator,
+    Rerank,
+    check_finite,
+    pointwise_metrics,
+    summarise,
+)
 
 ScoreFn = Callable[[EvalBatch], torch.Tensor]  # batch -> scores [B, N + 1]
 
@@ -33,32 +41,49 @@ def model_scores(model: RecModel, device: torch.device | str = "cpu") -> ScoreFn
     return score
 
 
-def popularity_scores(sequences: pa.Table, split: str, num_items: int) -> ScoreFn:
-    """The same score for every user: how often each item occurs in the histories of `split`."""
-    seen = pc.list_flatten(sequences["train_items"]).to_numpy()
-    counts = torch.bincount(torch.from_numpy(seen.astype("int64")), minlength=num_items + 1).double()
-    if split == "test":
-        valid = torch.from_numpy(sequences["valid_item"].to_numpy().astype("int64"))
-        counts += torch.bincount(valid, minlength=num_items + 1).double()
-    counts = counts[: num_items + 1]
+def split_popularity(sequences: pa.Table, split: str, num_items: int) -> torch.Tensor:
+    """Events per item [N + 1] (float64) a model evaluated on `split` could have learnt from: the training
+    items, plus the validation targets for the test split."""
+    _check_split(split)
+    return torch.from_numpy(item_events(sequences, num_items, include_valid=split == "test")).double()
+
+
+def popularity_scores(popularity: torch.Tensor) -> ScoreFn:
+    """The same score for every user: the events per item [N + 1]."""
 
     def score(batch: EvalBatch) -> torch.Tensor:
-        return counts.expand(len(batch.targets), -1)  # [B, N + 1]
+        return popularity.expand(len(batch.targets), -1)  # [B, N + 1]
 
     return score
 
 
+def text_vectors(model: RecModel | None, data_path: str | None) -> torch.Tensor | None:
+    """Item text vectors [N + 1, d] for diversity: the model's own (a text model) or the dataset's
+    `item_text_embeddings.safetensors`; None when neither has them."""
+    from rec_train import storage
+    from rec_train.model.text import EMBEDDINGS_FILE, read_item_text_embeddings
+
+    if model is not None and model.config.uses_text:
+        return model.items.text_embeddings.detach().float().cpu()
+    if data_path and storage.exists(storage.resolve(data_path).join(EMBEDDINGS_FILE)):
+        return read_item_text_embeddings(data_path)[0].float()
+    return None
+
+
 @torch.no_grad()
-def split_histogram(
-    score: ScoreFn, batches: Iterable[pa.RecordBatch | pa.Table], split: str, max_len: int, num_items: int
-) -> torch.Tensor:
-    """Histogram of target ranks (int64 [num_items + 1]) over the users in `batches`."""
-    hist = torch.zeros(num_items + 1, dtype=torch.long)
+def rank_split(
+    score: ScoreFn,
+    batches: Iterable[pa.RecordBatch | pa.Table],
+    split: str,
+    max_len: int,
+    accumulator: RankingAccumulator,
+) -> RankingAccumulator:
+    """Scores the users of `batches` once and adds them to `accumulator` (returned)."""
     for rows in batches:
         batch = eval_batch(rows, split, max_len)
         if batch is not None:
-            hist += rank_histogram(target_ranks(score(batch), batch.targets, batch.seen), num_items)
-    return hist
+            accumulator.add(score(batch), batch.targets, batch.seen)
+    return accumulator
 
 
 @torch.no_grad()
@@ -119,18 +144,35 @@ def evaluate_model(
     split: str = "test",
     ks: Iterable[int] = (10, 50),
     batch_size: int = 256,
+    history: str = "exclude",
+    rerank: Rerank | None = None,
+    vectors: torch.Tensor | None = None,
+    name: str = "model",
 ) -> dict[str, float]:
-    """HR@K, NDCG@K, MRR (and `users`) of `model` on `split` ("valid" or "test") of a sequences table."""
+    """HR@K, NDCG@K, MRR (and `users`) of `model` on `split` ("valid" or "test") of a sequences table, with
+    the top-K lists' beyond-accuracy figures (metrics.summarise); `vectors` [N + 1, d] are the item text
+    vectors for diversity (default: the model's own, when it reads text)."""
     _check_split(split)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    hist = split_histogram(
-        model_scores(model, device), sequences.to_batches(batch_size), split, model.config.max_seq_len,
-        model.config.num_items,
-    )  # fmt: skip
+    num_items = model.config.num_items
+    catalogue = Catalogue(
+        split_popularity(sequences, split, num_items),
+        vectors if vectors is not None else text_vectors(model, None),
+    )
+    accumulator = RankingAccumulator(list(ks), catalogue, history, rerank)
+    rank_split(
+        model_scores(model, device),
+        sequences.to_batches(batch_size),
+        split,
+        model.config.max_seq_len,
+        accumulator,
+    )
     model.train(was_training)
-    return metrics_from_histogram(hist, list(ks))
+    state = accumulator.state()
+    check_finite(state, name, split)
+    return summarise(state, list(ks), catalogue)
 
 
 def evaluate_popularity(
@@ -139,15 +181,42 @@ def evaluate_popularity(
     split: str = "test",
     ks: Iterable[int] = (10, 50),
     batch_size: int = 256,
+    history: str = "exclude",
+    vectors: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """The most-popular-items baseline, ranked and averaged exactly as `evaluate_model` does."""
-    _check_split(split)
-    score = popularity_scores(sequences, split, num_items)
-    hist = split_histogram(score, sequences.to_batches(batch_size), split, 1, num_items)
-    return metrics_from_histogram(hist, list(ks))
+    """The most-popular-items baseline (events per item in what a model could learn from), ranked and
+    averaged exactly as `evaluate_model` does: its ties count against the target like any model's."""
+    popularity = split_popularity(sequences, split, num_items)
+    catalogue = Catalogue(popularity, vectors)
+    accumulator = RankingAccumulator(list(ks), catalogue, history)
+    rank_split(popularity_scores(popularity), sequences.to_batches(batch_size), split, 1, accumulator)
+    return summarise(accumulator.state(), list(ks), catalogue)
 
 
 # ---- rec-train evaluate ---------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"K must be a positive integer, got {text!r}")
+    return value
+
+
+def _bounded(name: str, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not 0.0 <= value <= high:
+            raise argparse.ArgumentTypeError(f"{name} must be a number in [0, {high:g}], got {text!r}")
+        return value
+
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,9 +225,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data", help="prepared dataset (default: the one the model was trained on)")
     parser.add_argument("--split", default="test", choices=SPLITS)
-    parser.add_argument("--ks", type=int, nargs="+", default=[10, 50], help="cut-offs K for HR@K and NDCG@K")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--history", default="exclude", choices=HISTORY_MODES,
+        help="exclude: items the user already saw are not candidates (the published MovieLens protocol); "
+        "keep: they stay candidates (RecBole / UniSRec; catalogues where items come back)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ks",
+        type=_positive_int,
+        nargs="+",
+        default=[10, 50],
+        help="cut-offs K for HR@K, NDCG@K and the list figures",
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=256)
     parser.add_argument("--baseline", action="store_true", help="also score the most-popular-items baseline")
+    parser.add_argument(
+        "--popularity-penalty", type=_bounded("--popularity-penalty", 10.0), default=0.0,
+        help="rank by standardised score minus this times standardised log popularity (0: off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--diversity", type=_bounded("--diversity", 1.0), default=0.0,
+        help="MMR weight of item-text dissimilarity when ordering the top max(ks) (0: off; needs text vectors)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,13 +259,36 @@ def run(args: argparse.Namespace) -> int:
     if not data:
         raise RayrecError(f"{args.model} does not say which dataset it was trained on; pass --data")
     sequences = read_sequences(data)
-    result: dict[str, object] = {"model": args.model, "data": data, "split": args.split}
-    result.update(evaluate_model(model, sequences, args.split, args.ks, args.batch_size))
+    vectors = text_vectors(model, data)
+    rerank = Rerank(args.popularity_penalty, args.diversity)
+    result: dict[str, object] = {
+        "model": args.model, "data": data, "split": args.split,
+        "protocol": {
+            "split": args.split, "history": args.history, "ks": sorted(set(args.ks)), "candidates": "all items",
+            "ties": "against the target", "popularity_penalty": rerank.popularity_penalty,
+            "diversity": rerank.diversity, "text_vectors": vectors is not None,
+        },
+    }  # fmt: skip
+    result.update(
+        evaluate_model(
+            model,
+            sequences,
+            args.split,
+            args.ks,
+            args.batch_size,
+            args.history,
+            rerank,
+            vectors,
+            name=args.model,
+        )
+    )
     if model.config.pointwise_head is not None:  # fine-tuned for ratings or clicks: the head's metrics too
         threshold = ((info.get("config") or {}).get("finetune") or {}).get("click_threshold", 0.5)
         result.update(evaluate_pointwise(model, sequences, args.split, threshold, args.batch_size))
     if args.baseline:
-        popular = evaluate_popularity(sequences, model.config.num_items, args.split, args.ks, args.batch_size)
+        popular = evaluate_popularity(
+            sequences, model.config.num_items, args.split, args.ks, args.batch_size, args.history, vectors
+        )
         result.update({f"popularity_{k}": v for k, v in popular.items()})
     print(json.dumps(result))
     return 0

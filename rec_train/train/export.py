@@ -35,7 +35,7 @@ def export(
 ) -> dict[str, Any]:
     """Write the exported model folder; returns its `rayrec.json` figures and metrics."""
     from rec_train.data.dataset import load_manifest, read_items, read_sequences
-    from rec_train.train.evaluate import evaluate_model, evaluate_pointwise
+    from rec_train.train.evaluate import evaluate_model, evaluate_pointwise, text_vectors
 
     src = storage.resolve(checkpoint_uri)
     if not ckpt.is_checkpoint(src):
@@ -58,10 +58,15 @@ def export(
         sequences = read_sequences(data_path)
         metrics: dict[str, Any] = {"checkpoint_metrics": state["metrics"]}
         if evaluate:
-            ks = run["config"].get("eval", {}).get("ks", [10, 50])
+            eval_config = run["config"].get("eval", {})
+            ks, history = eval_config.get("ks", [10, 50]), eval_config.get("history", "exclude")
             threshold = (run["config"].get("finetune") or {}).get("click_threshold", 0.5)
+            vectors = text_vectors(model, data_path)
+            metrics["protocol"] = {"history": history, "ks": ks, "ties": "against the target"}
             for split in ("valid", "test"):
-                metrics[split] = evaluate_model(model, sequences, split, ks, batch_size)
+                metrics[split] = evaluate_model(
+                    model, sequences, split, ks, batch_size, history, vectors=vectors, name=src.uri
+                )
                 if model.config.pointwise_head is not None:  # the rating / click head's metrics too
                     metrics[split].update(evaluate_pointwise(model, sequences, split, threshold, batch_size))
         histories = pa.table(

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from rec_train import storage
 from rec_train.config import load_config
 from rec_train.errors import DataError, RayrecError
-from rec_train.train.batches import task_columns, trainable_rows
+from rec_train.train.batches import item_events, task_columns, trainable_rows
 from rec_train.train.config import FinetuneSection, TrainConfig
 
 AWS_ENV = (
@@ -83,6 +83,32 @@ def _target_sums(rows: pa.Table, task: str, click_threshold: float) -> pa.Table:
     values = values[np.isfinite(values)]
     targets = values if task == "rating" else (values >= click_threshold).astype(np.float64)
     return pa.table({"total": [float(targets.sum())], "count": [len(targets)]})
+
+
+def _split_events(rows: pa.Table, num_items: int) -> pa.Table:
+    train = item_events(rows, num_items, include_valid=False)
+    valid = item_events(rows, num_items, include_valid=True) - train
+    return pa.table(
+        {"train": pa.array([train], pa.list_(pa.int64())), "valid": pa.array([valid], pa.list_(pa.int64()))}
+    )
+
+
+def training_popularity(sequences: Any, num_items: int) -> dict[str, np.ndarray]:
+    """Events per item [num_items + 1] over a Ray dataset of sequences: `train` counts the training
+    items, `valid` the validation targets; test targets are never counted (a run must not learn them)."""
+    blocks = (
+        sequences.select_columns(["train_items", "valid_item"])
+        .map_batches(_split_events, fn_kwargs={"num_items": num_items}, batch_format="pyarrow")
+        .to_arrow_refs()
+    )
+    import ray
+
+    total = {"train": np.zeros(num_items + 1, np.int64), "valid": np.zeros(num_items + 1, np.int64)}
+    for table in ray.get(blocks):
+        for name in total:
+            for row in table[name].to_pylist():
+                total[name] += np.asarray(row, dtype=np.int64)
+    return total
 
 
 def target_mean(sequences: Any, config: TrainConfig) -> float:
@@ -167,6 +193,7 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
             "config": config.model_dump(mode="json"), "init_from": init_from, "run_uri": run_uri,
             "num_items": num_items, "max_seq_len": max_seq_len, "steps_per_epoch": steps_per_epoch,
             "target_mean": target_mean(train, config) if config.task != "next_item" else None,
+            "popularity": training_popularity(evaluation, num_items),
         },
         scaling_config=ScalingConfig(
             num_workers=workers,

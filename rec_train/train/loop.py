@@ -31,8 +31,15 @@ from rec_train.train import checkpoint as ckpt
 from rec_train.train.batches import grouped_by_length, pointwise_batch, position_share, training_batch
 from rec_train.train.config import TrainConfig
 from rec_train.train.deepspeed_config import deepspeed_config
-from rec_train.train.evaluate import model_scores, pointwise_predictions, split_histogram
-from rec_train.train.metrics import metrics_from_histogram, pointwise_metrics
+from rec_train.train.evaluate import model_scores, pointwise_predictions, rank_split, text_vectors
+from rec_train.train.metrics import (
+    Catalogue,
+    RankingAccumulator,
+    check_finite,
+    merge_states,
+    pointwise_metrics,
+    summarise,
+)
 from rec_train.train.model_init import apply_finetune_policy, build_model
 from rec_train.train.optim import build_optimizer, lr_lambda
 
@@ -67,12 +74,27 @@ def read_metrics(run_uri: str) -> list[dict[str, Any]]:
 
 
 class Evaluator:
-    """Full-ranking metrics of the engine's weights on this worker's users, all-reduced over workers; for a
-    pointwise task, the head's metrics over every worker's predictions (gathered)."""
+    """Full-ranking metrics and top-K list figures of the engine's weights on this worker's users, merged
+    over workers; for a pointwise task, the head's metrics over every worker's predictions (gathered)."""
 
-    def __init__(self, engine: Any, config: TrainConfig, max_seq_len: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        config: TrainConfig,
+        max_seq_len: int,
+        device: torch.device,
+        popularity: dict[str, np.ndarray],
+        name: str,
+    ) -> None:
         self.engine, self.config, self.max_seq_len, self.device = engine, config, max_seq_len, device
         self.zero3 = config.deepspeed.zero_stage == 3
+        self.popularity, self.name = popularity, name
+        self.vectors = text_vectors(None, config.data.path) if config.task == "next_item" else None
+
+    def catalogue(self, split: str) -> Catalogue:
+        """Training events per item of `split`'s users (the validation targets count for the test)."""
+        counts = self.popularity["train"] + (self.popularity["valid"] if split == "test" else 0)
+        return Catalogue(torch.from_numpy(counts), self.vectors)
 
     @torch.no_grad()
     def __call__(self, split: str, prefix: str) -> dict[str, float]:
@@ -91,18 +113,19 @@ class Evaluator:
                 threshold = self.config.finetune.click_threshold if self.config.finetune else 0.5
                 local = pointwise_predictions(scorer, rows, split, self.config.task, threshold, self.device)
             else:
-                hist = split_histogram(
-                    model_scores(scorer, self.device), rows, split, self.max_seq_len, module.config.num_items
-                )
+                catalogue = self.catalogue(split)
+                accumulator = RankingAccumulator(self.config.eval.ks, catalogue, self.config.eval.history)
+                rank_split(model_scores(scorer, self.device), rows, split, self.max_seq_len, accumulator)
         module.train()
+        gathered: list[Any] = [None] * dist.get_world_size()
         if self.config.task != "next_item":
-            gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, [t.numpy() for t in local])
             logits, targets = (np.concatenate([g[i] for g in gathered]) for i in range(2))
             return pointwise_metrics(logits, targets, self.config.task, prefix=prefix)
-        hist = hist.to(self.device)
-        dist.all_reduce(hist)  # int64 counts: the sum is exact
-        return metrics_from_histogram(hist.cpu(), self.config.eval.ks, prefix=prefix)
+        dist.all_gather_object(gathered, accumulator.state())  # ranks and sums: the merge is exact
+        state = merge_states(gathered)
+        check_finite(state, self.name, split)
+        return summarise(state, self.config.eval.ks, catalogue, prefix=prefix)
 
 
 def _plain_copy(module: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
@@ -151,6 +174,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         items,
         payload["init_from"],
         payload["target_mean"],
+        payload["popularity"]["train"] + (payload["popularity"]["valid"] if config.data.include_valid else 0),
     )
     model_config = model.config
     if config.finetune is not None:
@@ -187,7 +211,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         append_metrics(run_uri, [event], keep_through_epoch=state.epoch)
 
     max_seq_len = model_config.max_seq_len
-    evaluate = Evaluator(engine, config, max_seq_len, device)
+    popularity = {k: np.asarray(v, dtype=np.int64) for k, v in payload["popularity"].items()}
+    evaluate = Evaluator(engine, config, max_seq_len, device, popularity, f"the model of run {run_uri}")
     split = config.eval_split
     metric_key = f"{split}_{config.eval.metric}"
     sign = 1 if config.metric_order == "max" else -1  # higher is better, or lower (rmse, mae, logloss)

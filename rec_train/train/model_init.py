@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -17,14 +18,6 @@ from rec_train import storage
 from rec_train.errors import DataError
 from rec_train.model import RecConfig, RecModel, build_config
 from rec_train.train.config import FinetuneSection, TrainConfig
-
-
-def item_counts(items: pa.Table, num_items: int) -> torch.Tensor:
-    """Events per item index [num_items + 1] from `items.parquet`."""
-    counts = torch.zeros(num_items + 1)
-    index = torch.from_numpy(items["item_index"].to_numpy().astype("int64"))
-    counts[index] = torch.from_numpy(items["count"].to_numpy().astype("float32"))
-    return counts
 
 
 def check_vocab(old_items: pa.Table, new_items: pa.Table, source: str, data_path: str) -> None:
@@ -69,9 +62,12 @@ def build_model(
     items: pa.Table,
     init_from: str | None,
     target_mean: float | None = None,
+    popularity: np.ndarray | None = None,
 ) -> RecModel:
     """A fresh model of `config.model.size`, or the model at `init_from` grown to `num_items`; for a
-    pointwise task, with a head of that kind (a new one starts at `target_mean`, the mean target)."""
+    pointwise task, with a head of that kind (a new one starts at `target_mean`, the mean target).
+    `popularity` [num_items + 1]: training events per item (`batches.item_events`), for popularity
+    negatives and the logQ correction; never items.parquet's `count`, which holds the test events too."""
     if init_from is None:
         model_config = fresh_model_config(config, num_items, max_seq_len)
         model = RecModel(model_config)
@@ -99,7 +95,9 @@ def build_model(
             mean = math.log(rate / (1 - rate))
         model.add_pointwise_head(config.task, mean)
     if model.config.negative_sampler == "popularity" or model.config.logq_correction:
-        model.set_item_counts(item_counts(items, model.config.num_items))
+        if popularity is None:
+            raise ValueError("a model with popularity negatives or logQ correction needs `popularity` counts")
+        model.set_item_counts(torch.from_numpy(np.asarray(popularity, dtype=np.float32)))
     return model
 
 

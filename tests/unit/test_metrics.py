@@ -8,8 +8,9 @@ import pyarrow as pa
 import pytest
 import torch
 
+from rec_train.ranking import target_ranks
 from rec_train.train.evaluate import evaluate_popularity
-from rec_train.train.metrics import metrics_from_histogram, rank_histogram, target_ranks
+from rec_train.train.metrics import metrics_from_histogram, rank_histogram
 
 
 def test_target_rank_excludes_padding_and_history_but_not_the_target() -> None:
@@ -57,3 +58,22 @@ def test_popularity_baseline_ranks_by_training_counts() -> None:
     assert metrics["hr@1"] == pytest.approx(0.5)
     assert metrics["hr@5"] == pytest.approx(1.0)
     assert metrics["mrr"] == pytest.approx(0.75)
+
+
+def test_popularity_baseline_ties_count_against_the_target() -> None:
+    # valid split: counts 1: 2, 2: 2, 3: 1, 4: 0, 5: 0
+    table = pa.table(
+        {
+            "train_items": pa.array([[1, 2], [1, 2], [3]], pa.list_(pa.int32())),
+            "valid_item": pa.array([2, 1, 4], pa.int32()),
+            "test_item": pa.array([0, 0, 0], pa.int32()),
+        }
+    )
+    metrics = evaluate_popularity(table, num_items=5, split="valid", ks=[3])
+    # users 0 and 1: their target (count 2) has no rival at or above it -> rank 1
+    # user 2 (saw 3; target 4, count 0): 1 and 2 score higher and 5 ties with it -> rank 4, not 3
+    assert metrics["hr@3"] == pytest.approx(2 / 3)
+    assert metrics["mrr"] == pytest.approx((1 + 1 + 1 / 4) / 3)
+    kept = evaluate_popularity(table, num_items=5, split="valid", ks=[3], history="keep")
+    # keep: user 0's history items stay candidates; item 1 ties with the target 2 -> rank 2
+    assert kept["mrr"] == pytest.approx((1 / 2 + 1 / 2 + 1 / 5) / 3)

@@ -1,8 +1,8 @@
 """rayrec's evaluator against hand-computed ranks and an independent plain-NumPy computation.
 
 The reference below ranks each user's target by looping over the candidate items in NumPy: every item
-except padding (0) and the user's history, the target itself always kept; rank = 1 + candidates scoring
-strictly higher. HR@K = share of users with rank <= K, NDCG@K = mean of 1/log2(rank + 1) over users
+except padding (0) and (under history "exclude") the user's history, the target itself always kept;
+rank = 1 + the other candidates scoring at least as high (ties count against the target). HR@K = share of users with rank <= K, NDCG@K = mean of 1/log2(rank + 1) over users
 with rank <= K (0 otherwise), MRR = mean of 1/rank.
 """
 
@@ -18,23 +18,27 @@ import torch
 
 from rec_train.model import RecModel, build_config
 from rec_train.train.batches import EvalBatch
-from rec_train.train.evaluate import evaluate_model, split_histogram
-from rec_train.train.metrics import metrics_from_histogram
+from rec_train.train.evaluate import evaluate_model, rank_split
+from rec_train.train.metrics import Catalogue, NonFiniteScoresError, RankingAccumulator, summarise
 
 KS = [1, 5, 10, 20]
 
 
 def numpy_metrics(
-    scores: np.ndarray, histories: list[list[int]], targets: list[int], ks: list[int]
+    scores: np.ndarray,
+    histories: list[list[int]],
+    targets: list[int],
+    ks: list[int],
+    history: str = "exclude",
 ) -> dict[str, float]:
     """HR@K, NDCG@K, MRR from scores [U, N + 1] by an explicit loop over users and candidate items."""
     ranks = []
-    for user, (history, target) in enumerate(zip(histories, targets, strict=True)):
-        excluded = set(history) - {target}
+    for user, (seen, target) in enumerate(zip(histories, targets, strict=True)):
+        excluded = set(seen) if history == "exclude" else set()
         higher = sum(
             1
             for item in range(1, scores.shape[1])
-            if item not in excluded and scores[user, item] > scores[user, target]
+            if item != target and item not in excluded and scores[user, item] >= scores[user, target]
         )
         ranks.append(1 + higher)
     r = np.array(ranks, dtype=np.float64)
@@ -85,6 +89,21 @@ def fixed_scores(scores: np.ndarray) -> tuple[Callable[[EvalBatch], torch.Tensor
     return score, cursor
 
 
+def ranked(
+    score: Callable[[EvalBatch], torch.Tensor],
+    batches: list[pa.Table] | list[pa.RecordBatch],
+    split: str,
+    num_items: int,
+    ks: list[int],
+    history: str = "exclude",
+) -> dict[str, float]:
+    """Accuracy figures of `score` through the evaluator's one ranking pass (uniform popularity)."""
+    catalogue = Catalogue(torch.ones(num_items + 1))
+    accumulator = rank_split(score, batches, split, 10, RankingAccumulator(ks, catalogue, history))
+    figures = summarise(accumulator.state(), ks, catalogue)
+    return {k: figures[k] for k in ["users", "mrr", *(f"{m}@{k}" for m in ("hr", "ndcg") for k in ks)]}
+
+
 def test_hand_computed_ranks_through_the_split_evaluator() -> None:
     # 5 items. user 0: history [3, 1], valid 4, test 2; user 1: history [5], valid 2, test 5 (a repeat)
     table = pa.table(
@@ -99,18 +118,18 @@ def test_hand_computed_ranks_through_the_split_evaluator() -> None:
     # valid: user 0 excludes 3, 1 -> candidates 2 (1.0), 4 (target, 2.0), 5 (3.0): rank 2
     #        user 1 excludes 5 -> candidates 1 (1.0), 2 (target, 6.0), 3 (4.0), 4 (2.0): rank 1
     score, _ = fixed_scores(scores)
-    valid = metrics_from_histogram(split_histogram(score, [table], "valid", 10, 5), [1, 2])
+    valid = ranked(score, [table], "valid", 5, [1, 2])
     assert (valid["hr@1"], valid["hr@2"]) == (0.5, 1.0)
     assert valid["mrr"] == pytest.approx((1 / 2 + 1) / 2)
     # test: user 0 excludes 3, 1, 4 -> candidates 2 (target, 1.0), 5 (3.0): rank 2
     #       user 1 excludes 2 (its valid item) but not 5, its own target -> 1, 3, 4 compete; 3 (4.0) wins: rank 2
     score, _ = fixed_scores(scores)
-    test = metrics_from_histogram(split_histogram(score, [table], "test", 10, 5), [1, 2])
+    test = ranked(score, [table], "test", 5, [1, 2])
     assert (test["hr@1"], test["hr@2"]) == (0.0, 1.0)
     assert test["ndcg@2"] == pytest.approx(1 / math.log2(3))
 
 
-def test_ties_count_in_the_targets_favour() -> None:
+def test_ties_count_against_the_target() -> None:
     table = pa.table(
         {
             "train_items": pa.array([[1]], pa.list_(pa.int32())),
@@ -120,21 +139,46 @@ def test_ties_count_in_the_targets_favour() -> None:
     )
     scores = np.array([[0.0, 5.0, 2.0, 2.0, 2.0, 1.0]])  # items 2 and 4 tie with the target 3
     score, _ = fixed_scores(scores)
-    metrics = metrics_from_histogram(split_histogram(score, [table], "valid", 10, 5), [1])
-    assert metrics["hr@1"] == 1.0
+    metrics = ranked(score, [table], "valid", 5, [1, 3])
+    assert (metrics["hr@1"], metrics["hr@3"]) == (0.0, 1.0)  # rank 3: behind both of its equals
+    assert metrics["mrr"] == pytest.approx(1 / 3)
 
 
+@pytest.mark.parametrize("history", ["exclude", "keep"])
 @pytest.mark.parametrize("split", ["valid", "test"])
-def test_random_scores_agree_with_numpy(split: str) -> None:
+def test_random_scores_with_planted_ties_agree_with_numpy(split: str, history: str) -> None:
     num_items, table = 60, random_sequences(users=300, num_items=60, seed=1)
-    scores = np.random.default_rng(2).standard_normal((table.num_rows, num_items + 1)).astype(np.float32)
+    rng = np.random.default_rng(2)
+    scores = rng.integers(0, 8, (table.num_rows, num_items + 1)).astype(np.float32)  # ~8 ties per value
+    scores[::3] = rng.standard_normal((len(scores[::3]), num_items + 1))  # and rows without ties
     score, cursor = fixed_scores(scores)
-    hist = split_histogram(score, table.to_batches(max_chunksize=37), split, 8, num_items)  # uneven batches
+    got = ranked(score, table.to_batches(max_chunksize=37), split, num_items, KS, history)  # uneven batches
     assert cursor[0] == table.num_rows  # every user was scored once
     histories, targets = history_and_target(table, split)
-    expected = numpy_metrics(scores, histories, targets, KS)
-    assert metrics_from_histogram(hist, KS) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    expected = numpy_metrics(scores, histories, targets, KS, history)
+    assert got == pytest.approx(expected, rel=0, abs=1e-9)
     assert 0.0 < expected["hr@10"] < 1.0  # the check is not vacuous
+
+
+def test_a_constant_score_model_ranks_no_target_in_the_top_10() -> None:
+    num_items, table = 500, random_sequences(users=200, num_items=500, seed=4)
+    score, _ = fixed_scores(np.full((table.num_rows, num_items + 1), 0.5, dtype=np.float32))
+    metrics = ranked(score, [table], "test", num_items, [10])
+    # every candidate ties with the target, so each target ranks last among them: far from HR@10 = 1
+    assert metrics["hr@10"] <= 10 / (num_items - 32)  # at least num_items - 32 candidates per user
+    assert metrics["mrr"] < 1 / (num_items - 32) + 1e-12
+
+
+def test_a_nan_model_is_an_error_naming_the_model_split_and_users() -> None:
+    torch.manual_seed(0)
+    model = RecModel(build_config("tiny", num_items=30, max_seq_len=6)).eval()
+    table = random_sequences(users=40, num_items=30, seed=5)
+    with torch.no_grad():
+        model.items.id_embeddings.weight[7] = float("nan")  # every user scores item 7 as NaN
+    with pytest.raises(
+        NonFiniteScoresError, match=r"runs/m: 40 of 40 users got NaN or infinite scores on the valid split"
+    ):
+        evaluate_model(model, table, "valid", [10], name="runs/m")
 
 
 def test_evaluate_model_agrees_with_numpy_scoring_one_user_at_a_time() -> None:
@@ -153,5 +197,5 @@ def test_evaluate_model_agrees_with_numpy_scoring_one_user_at_a_time() -> None:
         )  # fmt: skip  # [U, d]
     expected = numpy_metrics(users @ items.T, histories, targets, KS)
     got = evaluate_model(model, table, "test", KS, batch_size=32)
-    assert got == pytest.approx(expected, abs=1e-9)
+    assert {k: got[k] for k in expected} == pytest.approx(expected, abs=1e-9)
     assert expected["mrr"] > 0.0

@@ -48,13 +48,42 @@ def test_plot_writes_a_png_of_loss_and_ndcg(tmp_path: Path) -> None:
     records = [
         {"epoch": 1, "loss": 4.0, "valid_ndcg@10": 0.1},
         {"event": "resumed", "epoch": 1, "step": 3},
-        {"epoch": 2, "loss": 3.5, "valid_ndcg@10": 0.2},
+        {"epoch": 2, "loss": 3.5, "valid_ndcg@10": 0.2, "valid_ndcg@10_short": 0.1, "valid_coverage@10": 0.4},
         {"final": True, "epoch": 2, "test_ndcg@10": 0.2},
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     figures = plot_run(str(run))
     png = (run / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert figures["epochs"] == 2 and figures["curves"] == ["loss", "valid_ndcg@10"]
+    assert figures["epochs"] == 2 and figures["curves"] == ["loss", "valid_ndcg@10", "valid_coverage@10"]
     with pytest.raises(RayrecError, match="no metrics.jsonl"):
         plot_run(str(tmp_path / "missing"))
+
+
+def test_a_changed_test_item_leaves_popularity_negatives_unchanged() -> None:
+    from rec_train.config import load_config
+    from rec_train.train.config import TrainConfig
+    from rec_train.train.launch import _split_events
+    from rec_train.train.model_init import build_model
+
+    rows = {
+        "train_items": pa.array([[1, 2, 3, 2], [2, 3, 4]], pa.list_(pa.int32())),
+        "valid_item": pa.array([4, 1], pa.int32()),
+        "test_item": pa.array([5, 5], pa.int32()),
+    }
+    changed = {**rows, "test_item": pa.array([6, 6], pa.int32())}
+    overrides = ["data.path=unused", "model.size=tiny", "model.overrides.loss=sampled_softmax",
+                 "model.overrides.negative_sampler=popularity", "model.overrides.logq_correction=true"]  # fmt: skip
+    config = load_config(TrainConfig, None, overrides)
+    negatives, counts = [], []
+    for table in (pa.table(rows), pa.table(changed)):
+        events = _split_events(table, 6)  # what launch passes to every worker
+        popularity = events["train"][0].values.to_numpy() + events["valid"][0].values.to_numpy()
+        torch.manual_seed(0)
+        model = build_model(config, 6, 8, items(list("abcdef")), None, popularity=popularity)
+        counts.append(model.item_counts.clone())
+        torch.manual_seed(1)
+        negatives.append(model._sample_negatives(torch.tensor([1, 2]), (2, 50)))
+    assert counts[0].tolist() == [0, 2, 3, 2, 2, 0, 0]  # items 5 and 6 are test targets only
+    assert torch.equal(counts[0], counts[1]) and torch.equal(negatives[0], negatives[1])
+    assert not (negatives[0] == 5).any()  # a test-only item is never drawn as a negative
