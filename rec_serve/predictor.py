@@ -25,13 +25,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from rec_serve.schemas import MAX_POPULARITY_PENALTY
 from rec_train import storage
 from rec_train.data.collate import pad_left
 from rec_train.errors import RayrecError
 from rec_train.model import RecModel
+from rec_train.ranking import candidate_scores, penalise_popularity, top_k, unit_rows
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "items.parquet", "histories.parquet", "rayrec.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "model.bin", "pytorch_model.bin.index.json")
+NO_TEXT_VECTORS = (
+    "diversity needs item text vectors; this model reads no item text (export a model trained with"
+    " model.overrides.item_representation=id+text or text), or send diversity 0"
+)
 
 
 class ModelFolderError(RayrecError):
@@ -48,7 +54,12 @@ class NotFoundError(RayrecError):
 
 @dataclass
 class RecommendRequest:
-    """A user (known `user_id`) and/or a `history` of item ids, oldest first."""
+    """A user (known `user_id`) and/or a `history` of item ids, oldest first.
+
+    `popularity_penalty` (0 to 10) ranks by `rec_train.ranking.penalise_popularity`; `diversity` (0 to 1)
+    picks the k by maximal marginal relevance over item text vectors (`rec_train.ranking.top_k`). Both
+    leave each returned item's score the model's own, and the popularity fallback ignores both.
+    """
 
     user_id: str | None = None
     history: list[str] | None = None
@@ -56,6 +67,8 @@ class RecommendRequest:
     exclude_history: bool = True
     exclude: list[str] = field(default_factory=list)
     explain: bool = False
+    popularity_penalty: float = 0.0
+    diversity: float = 0.0
 
 
 @dataclass
@@ -85,6 +98,8 @@ class PreparedRequest:
     explain: bool
     unknown_items: list[str]
     from_user: bool
+    popularity_penalty: float = 0.0
+    diversity: float = 0.0
 
 
 def _read_table(path: Path, columns: list[str]) -> Any:
@@ -176,6 +191,8 @@ class Predictor:
             )
         self.item_matrix = matrix
         self.item_unit = torch.nn.functional.normalize(matrix, dim=-1)  # [num_items + 1, d]
+        # Unit item text vectors for `diversity`, [num_items + 1, text_dim]; None for a model without text.
+        self.text_unit = unit_rows(model.items.text_embeddings) if model.config.uses_text else None
 
     # ---------------------------------------------------------------- loading
 
@@ -206,6 +223,15 @@ class Predictor:
         """Resolve ids to indices; raises `NotFoundError` for an unknown user, `RequestError` if invalid."""
         if request.k < 1:
             raise RequestError(f"k must be at least 1, got {request.k}")
+        if not 0.0 <= request.popularity_penalty <= MAX_POPULARITY_PENALTY:
+            raise RequestError(
+                f"popularity_penalty must be between 0 and {MAX_POPULARITY_PENALTY:g},"
+                f" got {request.popularity_penalty}"
+            )
+        if not 0.0 <= request.diversity <= 1.0:
+            raise RequestError(f"diversity must be between 0 and 1, got {request.diversity}")
+        if request.diversity and self.text_unit is None:
+            raise RequestError(NO_TEXT_VECTORS)
         history: list[int] = []
         if request.user_id is not None:
             if request.user_id not in self.histories:
@@ -230,6 +256,8 @@ class Predictor:
             explain=request.explain,
             unknown_items=unknown,
             from_user=request.user_id is not None,
+            popularity_penalty=request.popularity_penalty,
+            diversity=request.diversity,
         )
 
     def recommend_batch(self, requests: list[RecommendRequest]) -> list[RecommendResponse]:
@@ -255,15 +283,28 @@ class Predictor:
 
     @torch.no_grad()
     def _rank(self, batch: list[PreparedRequest]) -> list[RecommendResponse]:
+        """One forward pass for the batch, then `rec_train.ranking`'s top-k with each request's knobs."""
         input_ids, attention_mask = pad_left([p.history for p in batch], self.max_seq_len)  # [B, L]
         users = self.model.encode_users(input_ids, attention_mask).float()  # [B, d]
-        scores = users @ self.item_matrix.T  # [B, num_items + 1]
-        scores[:, 0] = -math.inf
-        for row, p in enumerate(batch):
-            if p.excluded:
-                scores[row, torch.as_tensor(p.excluded, dtype=torch.long)] = -math.inf
+        width = max(len(p.excluded) for p in batch)
+        exclude = torch.tensor(
+            [p.excluded + [0] * (width - len(p.excluded)) for p in batch], dtype=torch.long
+        )  # [B, E], 0-padded
+        scores = candidate_scores(users @ self.item_matrix.T, exclude)  # [B, num_items + 1]
         k_max = min(max(p.k for p in batch), self.num_items)
-        top_scores, top_ids = scores.topk(k_max, dim=-1)  # [B, k_max]
+        top_ids = torch.zeros(len(batch), k_max, dtype=torch.long)  # [B, k_max]; 0 past a row's own k
+        groups: dict[tuple[float, float, int], list[int]] = defaultdict(list)
+        for row, p in enumerate(batch):
+            # MMR's picks depend on k (its candidate pool grows with k); plain top-k lists share prefixes.
+            groups[(p.popularity_penalty, p.diversity, p.k if p.diversity else k_max)].append(row)
+        for (penalty, diversity, k), rows in groups.items():
+            members = torch.tensor(rows)
+            ranked = scores[members]  # [G, num_items + 1]
+            if penalty:
+                ranked = penalise_popularity(ranked, torch.from_numpy(self.counts), penalty)
+            ids, _ = top_k(ranked, k, self.text_unit, diversity)  # [G, min(k, num_items)]
+            top_ids[members, : ids.shape[1]] = ids
+        top_scores = scores.gather(1, top_ids)  # [B, k_max]: the model's scores, in the listed order
 
         because = None
         if any(p.explain for p in batch):
@@ -346,4 +387,5 @@ class Predictor:
             "num_users": len(self.histories),
             "max_seq_len": self.max_seq_len,
             "metrics": self.metrics,
+            "rerank": {"popularity_penalty": True, "diversity": self.text_unit is not None},
         }

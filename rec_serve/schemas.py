@@ -11,6 +11,7 @@ from rec_train.config import StrictModel
 MAX_K = 1000
 MAX_HISTORY = 1000
 MAX_ID_LENGTH = 256
+MAX_POPULARITY_PENALTY = 10.0
 
 # --------------------------------------------------------------------- app arguments
 
@@ -85,6 +86,25 @@ class RecommendBody(Body):
         default_factory=list, max_length=MAX_K, description="item ids never to return"
     )
     explain: bool = Field(False, description="name the history items behind each recommendation")
+    popularity_penalty: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_POPULARITY_PENALTY,
+        description="rank by the standardised model score minus this times each item's standardised"
+        " log(1 + events), so one value means the same for any model: higher values move less popular"
+        " items up; 0 ranks by the model alone. Each item keeps the model's score, so scores need not"
+        " descend. The popularity fallback (no usable history) ignores it",
+    )
+    diversity: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="pick the k by maximal marginal relevance over item text vectors from a pool of the"
+        " model's best candidates (several times k): 0 is the model's own top k; 1 follows the best item"
+        " with the items least like those above. Needs a model that reads item text (GET /v1/model:"
+        " rerank.diversity). Each item keeps the model's score, so scores need not descend. The"
+        " popularity fallback (no usable history) ignores it",
+    )
 
     @model_validator(mode="after")
     def _who(self) -> RecommendBody:
@@ -100,7 +120,10 @@ class SimilarBody(Body):
 
 class RecommendedItem(BaseModel):
     item_id: str
-    score: float
+    score: float = Field(
+        description="the model's score (user . item), kept when popularity_penalty or diversity re-order"
+        " the list; in a popularity fallback, the item's share of all events"
+    )
     title: str | None = None
     because: list[str] | None = Field(None, description="history items behind this one (with explain)")
 
@@ -135,6 +158,13 @@ class ServingStats(BaseModel):
     batch_wait_timeout_s: float
 
 
+class RerankSupport(BaseModel):
+    """The re-ranking knobs `POST /v1/recommend` accepts for this model."""
+
+    popularity_penalty: bool = Field(description="popularity_penalty is accepted (always)")
+    diversity: bool = Field(description="diversity is accepted: the model has item text vectors")
+
+
 class ModelBody(BaseModel):
     model_version: str
     source: str
@@ -142,6 +172,7 @@ class ModelBody(BaseModel):
     num_users: int
     max_seq_len: int
     metrics: dict[str, Any]
+    rerank: RerankSupport
     serving: ServingStats
 
 

@@ -1,7 +1,7 @@
 """The HTTP API over real HTTP against `serve.run` on a local Ray: answers, batching, every 4xx, fuzzing.
 
 One Serve instance for the module: the `rayrec` app (2 replicas) at `/` and a key-protected copy
-(1 replica) at `/secured`.
+(1 replica) at `/secured`, both serving a tiny model that reads item text (so every knob is served).
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from typing import Any
 import httpx
 import pytest
 import ray
+import torch
 from local_cluster import free_port
 from ray import serve
 
 from rec_serve.app import APP_NAME, build_app
 from rec_serve.predictor import Predictor, RecommendRequest
-from rec_serve.synthetic import item_id, write_tiny_model
+from rec_serve.synthetic import item_id, write_exported_model
+from rec_train.model import RecModel, build_config
 
 KEY_ENV = "RAYREC_TEST_API_KEY"
 KEY = "s3cret-key"
@@ -38,9 +40,19 @@ class Server:
     client: httpx.Client
 
 
+def write_text_model(out: Path) -> Path:
+    """A tiny id+text model with random item text vectors, exported as version v1."""
+    torch.manual_seed(0)
+    model = RecModel(build_config("tiny", num_items=40, item_representation="id+text", text_dim=8))
+    text = torch.randn(41, 8)  # [num_items + 1, text_dim]
+    text[0] = 0.0  # padding
+    model.set_item_text_embeddings(text)
+    return write_exported_model(out, model, model_version="v1")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    folder = write_tiny_model(tmp_path_factory.mktemp("serve") / "model", model_version="v1")
+    folder = write_text_model(tmp_path_factory.mktemp("serve") / "model")
     os.environ[KEY_ENV] = KEY  # inherited by the Ray workers started below
     ray.init(num_cpus=4, include_dashboard=False)
     try:
@@ -111,6 +123,19 @@ def test_popularity_fallback_is_flagged(server: Server) -> None:
     assert item_ids(body) == [server.predictor.item_ids[i] for i in server.predictor.popular[:3]]
 
 
+def test_reranking_knobs(server: Server) -> None:
+    knobs = {"popularity_penalty": 2.5, "diversity": 0.7}
+    body = recommend(server, user_id="u6", k=8, **knobs)
+    [want] = server.predictor.recommend_batch([RecommendRequest(user_id="u6", k=8, **knobs)])
+    assert item_ids(body) == [r.item_id for r in want.items] and len(body["items"]) == 8
+    assert [i["score"] for i in body["items"]] == pytest.approx([r.score for r in want.items], abs=1e-4)
+    assert item_ids(body) != item_ids(recommend(server, user_id="u6", k=8))
+    fallback = recommend(server, history=[], k=3, **knobs)  # no history: popular items, knobs ignored
+    assert fallback["fallback"] is True and item_ids(fallback) == item_ids(recommend(server, history=[], k=3))
+    rerank = server.client.get("/v1/model").json()["rerank"]
+    assert rerank == {"popularity_penalty": True, "diversity": True}
+
+
 def test_similar_items_item_model_health_and_docs(server: Server) -> None:
     c = server.client
     similar = c.post("/v1/similar-items", json={"item_id": item_id(4), "k": 3}).json()
@@ -172,6 +197,20 @@ BAD_REQUESTS = [
         "body.history: List should have at most 1000 items",
     ),
     ("POST", "/v1/recommend", {"history": "17"}, 422, "body.history: Input should be a valid list"),
+    (
+        "POST",
+        "/v1/recommend",
+        {"user_id": "u1", "popularity_penalty": -1},
+        422,
+        "body.popularity_penalty: Input should be greater than or equal to 0 (got -1)",
+    ),
+    (
+        "POST",
+        "/v1/recommend",
+        {"user_id": "u1", "diversity": 2},
+        422,
+        "body.diversity: Input should be less than or equal to 1 (got 2)",
+    ),
     ("POST", "/v1/recommend", b"x" * 70000, 413, "request body over 65536 bytes"),
     ("POST", "/v1/recommend", {"user_id": "ghost"}, 404, "unknown user_id 'ghost'"),
     ("POST", "/v1/similar-items", {"item_id": "ghost"}, 404, "unknown item_id 'ghost'"),
