@@ -45,7 +45,7 @@ bench-serve: $(STAMP)
 	$(BIN)/python benchmarks/serve_load.py
 
 bench-quality: $(STAMP)
-	$(BIN)/python benchmarks/quality_ml1m.py ../shared/data/ml-1m
+	$(BIN)/python benchmarks/quality.py ../shared/data/ml-1m
 
 clean:
 	rm -rf $(VENV) demo_out runs

@@ -10,7 +10,8 @@ can run them as tasks; item tables are small and are read whole on the driver.
 
 MovieLens files are recognised by name: `*.dat` is `ratings.dat` (`user::item::rating::time`),
 `*.csv` is `ratings.csv` (header `userId,movieId,rating,timestamp`), anything else is `u.data`
-(tab-separated `user item rating time`). Item tables: `movies.dat`, `u.item`, `movies.csv`.
+(tab-separated `user item rating time`). Item tables: `movies.dat`, `u.item`, `movies.csv`; a `.csv`
+item table next to `sequences` is a generic one (`item_columns`), e.g. `item_id,title`.
 """
 
 from __future__ import annotations
@@ -420,7 +421,10 @@ def _movielens_items(loc: storage.Location) -> tuple[list[str], list[str | None]
     return ids, titles, genres
 
 
-def _read_table(loc: storage.Location, delimiter: str, header: bool) -> pa.Table:
+def _read_table(
+    loc: storage.Location, delimiter: str, header: bool, string_columns: tuple[str, ...] = ()
+) -> pa.Table:
+    """A parquet or delimited-text table; `string_columns` of a text file stay text ("0123" keeps its 0)."""
     try:
         if loc.path.endswith(".parquet"):
             with loc.fs.open_input_file(loc.path) as f:
@@ -430,6 +434,7 @@ def _read_table(loc: storage.Location, delimiter: str, header: bool) -> pa.Table
                 f,
                 read_options=pacsv.ReadOptions(autogenerate_column_names=not header),
                 parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(string_columns, pa.string())),
             )
     except FileNotFoundError as exc:
         raise DataError(f"items file {loc.uri} does not exist; check the path (--items)") from exc
@@ -448,16 +453,17 @@ def read_item_table(config: PrepareConfig) -> pa.Table:
             raise DataError(f"items file {config.items} does not exist; check the path (--items)")
     except storage.StorageError as exc:
         raise DataError(f"cannot read items file {config.items}: {exc}") from exc
-    is_parquet = loc.path.endswith(".parquet")
-    if config.format in ("movielens", "sequences") and not is_parquet:
+    is_csv = posixpath.basename(loc.path).lower().removesuffix(".gz").endswith(".csv")
+    movielens = config.format == "movielens" or (config.format == "sequences" and not is_csv)
+    if movielens and not loc.path.endswith(".parquet"):  # movies.dat, u.item, movies.csv
         ids, titles, genres = _movielens_items(loc)
         raw_ids: pa.Array = pa.array(ids, pa.string())
         title_col = pa.array(titles, pa.string())
         text_col = pa.array([_item_text(t, g) for t, g in zip(titles, genres, strict=True)], pa.string())
         id_name = "movieId"
     else:
-        table = _read_table(loc, config.csv.delimiter, config.csv.header)
         cols = config.item_columns
+        table = _read_table(loc, config.csv.delimiter, config.csv.header, (cols.item,))
         wanted = {"item": cols.item, "title": cols.title} | {f"text[{i}]": c for i, c in enumerate(cols.text)}
         _check_columns(loc.uri, table.column_names, wanted, "item_columns")
         raw_ids = table[cols.item].combine_chunks()

