@@ -61,7 +61,7 @@ def plot(points: list[dict], popularity: dict, k: int, png: Path) -> None:
         popularity[f"coverage@{k}"], popularity[f"ndcg@{k}"], marker="x", color="tab:red", label="popularity"
     )
     ax.set(xlabel=f"catalogue coverage@{k}", ylabel=f"NDCG@{k}",
-           title="re-ranking: popularity_penalty:diversity (o penalty only, s with MMR)")  # fmt: skip
+           title="labels: popularity_penalty:diversity (s: with MMR)")  # fmt: skip
     ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=110)

@@ -68,6 +68,18 @@ def test_benchmark_prints_one_json_line_per_seed_and_the_table_summarises_them(
     assert row["figures"]["ndcg@10"]["std"] == pytest.approx(abs(ndcg[0] - ndcg[1]) / math.sqrt(2), abs=1e-4)
     assert f"{row['figures']['ndcg@10']['mean']:.4f} ± {row['figures']['ndcg@10']['std']:.4f}" in table[2]
 
+    # benchmarks/rerank_tradeoff.py on the first seed's checkpoint: the knobs move the lists as they claim
+    png = tmp_path / "tradeoff.png"
+    checkpoint = str(Path(results[0]["run"], results[0]["checkpoint"]))
+    (line,) = run_script(
+        "benchmarks/rerank_tradeoff.py", "--model", checkpoint, "--setting", "0:0", "2:0", "0:0.5", "--png", str(png)
+    )  # fmt: skip
+    plain, penalised, diverse = json.loads(line)["settings"]
+    assert plain["ndcg@10"] == pytest.approx(results[0]["test"]["ndcg@10"], abs=1e-4)  # the same evaluator
+    assert penalised["popularity@10"] < plain["popularity@10"]
+    assert diverse["diversity@10"] > plain["diversity@10"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 def check_run(run: dict, shared_data: Path, tmp_path: Path) -> None:
     """One seed's line: the dataset, the machine, the run's figures and timings, the baseline, the text."""
@@ -84,6 +96,13 @@ def check_run(run: dict, shared_data: Path, tmp_path: Path) -> None:
     assert run["eval_s"] > 0  # the one epoch is evaluated
     assert 0 < run["train_s"] + run["eval_s"] < run["wall_s"]
     check_figures(run["test"])
+    check_figures(run["test_history_keep"])
+    for figures in (run["test"], run["popularity"]):  # the top-K lists' figures beside the accuracy
+        assert 0.0 < figures["coverage@10"] <= 1.0 and 0.0 < figures["gini@10"] < 1.0
+        assert figures["popularity@10"] > 0.0 and figures["novelty@10"] > 0.0
+    assert run["popularity"]["coverage@10"] < run["test"]["coverage@10"]  # 10 items for everyone vs lists
+    assert 0.0 < run["test"]["diversity@10"] <= 2.0  # ml-1m.yaml reads MiniLM vectors: they give diversity
+    assert run["test"]["users_short"] + run["test"]["users_medium"] + run["test"]["users_long"] == 943
     # data.windows=all: n training items (all but the test item) make 1 + (n - 2) // 50 rows of <= 51 items
     users = Counter(
         line.split("\t")[0] for line in (shared_data / "ml-100k" / "u.data").read_text().splitlines()
