@@ -4,7 +4,7 @@
 
 One row per dataset, config (with its key=value overrides), protocol and history length: the number of
 seeds, then the mean ± sample standard deviation (ddof=1; n/a for one seed) of the test NDCG@K and HR@K
-(the Ks every line has), MRR, the validation NDCG@10 of the chosen checkpoint (strict) and the seconds per
+(the Ks every line has), MRR, catalogue coverage at the smallest K, the validation NDCG@10 of the chosen checkpoint (strict) and the seconds per
 epoch; and per dataset a row of the most-popular-items baseline. The last line is one JSON object of the
 same figures.
 """
@@ -49,9 +49,14 @@ def read_lines(paths: list[Path]) -> list[dict[str, Any]]:
 
 
 def columns(lines: list[dict[str, Any]]) -> list[str]:
-    """ndcg@K and hr@K for the Ks of every line, mrr."""
+    """ndcg@K and hr@K for the Ks of every line, mrr, and coverage@K of the smallest K where every line
+    (and its popularity baseline) has it."""
     ks = set.intersection(*({int(m[1]) for m in map(NDCG.fullmatch, line["test"]) if m} for line in lines))
-    return [f"{m}@{k}" for k in sorted(ks) for m in ("ndcg", "hr")] + ["mrr"]
+    names = [f"{m}@{k}" for k in sorted(ks) for m in ("ndcg", "hr")] + ["mrr"]
+    coverage = f"coverage@{min(ks)}" if ks else None
+    if coverage and all(coverage in line["test"] and coverage in line["popularity"] for line in lines):
+        names.append(coverage)
+    return names
 
 
 def mean_std(values: list[float]) -> dict[str, float | None]:
