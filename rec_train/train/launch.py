@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import re
 import threading
 from datetime import datetime, timezone
 from typing import Any
@@ -72,7 +73,11 @@ def _progress(run_uri: str, epochs: int, done: threading.Event) -> None:
             last = trained[-1]
             bar.n = last["epoch"]
             bar.set_postfix(
-                {k: round(v, 4) for k, v in last.items() if k in ("loss", "sequences_per_s") or "ndcg" in k}
+                {
+                    k: round(v, 4)
+                    for k, v in last.items()
+                    if k in ("loss", "sequences_per_s") or re.fullmatch(r"\w+_ndcg@\d+", k)
+                }
             )
             bar.refresh()
     bar.close()
