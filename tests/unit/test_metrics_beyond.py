@@ -192,3 +192,30 @@ def test_rerank_values_are_checked() -> None:
     with pytest.raises(ValueError, match="diversity"):
         Rerank(diversity=1.5)
     assert math.isclose(Rerank(1.0, 0.5).diversity, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--diversity", "1.5"], "--diversity must be a number in [0, 1], got '1.5'"),
+        (["--popularity-penalty", "-1"], "--popularity-penalty must be a number in [0, 10], got '-1'"),
+        (["--history", "all"], "argument --history: invalid choice: 'all'"),
+        (["--ks", "10", "0"], "K must be a positive integer, got '0'"),
+    ],
+)
+def test_evaluate_flags_are_checked_before_any_work(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rec_train.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--model", "no/such/model", *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_diversity_without_text_vectors_says_how_to_get_them() -> None:
+    from rec_train.errors import RayrecError
+
+    with pytest.raises(RayrecError, match="diversity needs item text vectors: run `rec-train embed-items"):
+        RankingAccumulator([10], Catalogue(torch.ones(6)), rerank=Rerank(0.0, 0.5))
