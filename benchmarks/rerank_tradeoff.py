@@ -19,10 +19,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from rec_train.data.dataset import read_sequences
-from rec_train.errors import RayrecError
-from rec_train.train.checkpoint import load_model
-from rec_train.train.evaluate import evaluate_model, evaluate_popularity, text_vectors
+from rec_train.train.evaluate import evaluate_model, evaluate_popularity, load_for_evaluation
 from rec_train.train.metrics import Rerank
 
 DEFAULT_SETTINGS = ["0:0", "0.25:0", "0.5:0", "1:0", "2:0", "0:0.25", "0:0.5", "0.5:0.25"]
@@ -80,12 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = args.setting or [parse_setting(s) for s in DEFAULT_SETTINGS]
 
-    model, info = load_model(args.model)
-    data = args.data or info.get("data_path")
-    if not data:
-        raise RayrecError(f"{args.model} does not say which dataset it was trained on; pass --data")
-    sequences = read_sequences(data)
-    vectors = text_vectors(model, data)
+    model, _, data, sequences, vectors = load_for_evaluation(args.model, args.data)
     popularity = keep(
         evaluate_popularity(
             sequences, model.config.num_items, args.split, [args.k], args.batch_size, vectors=vectors

@@ -249,17 +249,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def run(args: argparse.Namespace) -> int:
+def load_for_evaluation(
+    model_uri: str, data: str | None
+) -> tuple[RecModel, dict, str, pa.Table, torch.Tensor | None]:
+    """(model, its info, dataset path, sequences, item text vectors) of a model folder or checkpoint and
+    `data` (default: the dataset it was trained on)."""
     from rec_train.data.dataset import read_sequences
     from rec_train.errors import RayrecError
     from rec_train.train.checkpoint import load_model
 
-    model, info = load_model(args.model)
-    data = args.data or info.get("data_path")
+    model, info = load_model(model_uri)
+    data = data or info.get("data_path")
     if not data:
-        raise RayrecError(f"{args.model} does not say which dataset it was trained on; pass --data")
-    sequences = read_sequences(data)
-    vectors = text_vectors(model, data)
+        raise RayrecError(f"{model_uri} does not say which dataset it was trained on; pass --data")
+    return model, info, data, read_sequences(data), text_vectors(model, data)
+
+
+def run(args: argparse.Namespace) -> int:
+    model, info, data, sequences, vectors = load_for_evaluation(args.model, args.data)
     rerank = Rerank(args.popularity_penalty, args.diversity)
     result: dict[str, object] = {
         "model": args.model, "data": data, "split": args.split,
