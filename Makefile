@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test test-unit lint demo bench-prepare bench-train bench-serve bench-quality clean
+.PHONY: install test test-e2e test-unit lint demo bench-prepare bench-train bench-serve bench-quality clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,9 +21,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# Two tiers: `make test` (lint, unit tests, then the fast integration tests on one shared local Ray) and
+# `make test-e2e` (the tests marked e2e).
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 $(PYTEST_ARGS) tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=15 -m "not e2e" $(PYTEST_ARGS) tests/unit tests/integration
+
+test-e2e: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=1800 --durations=15 -m e2e $(PYTEST_ARGS) tests
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit

@@ -27,10 +27,11 @@ import pyarrow.parquet as pq
 from rec_train.config import validate
 from rec_train.data import dataset
 from rec_train.data.config import PrepareConfig
-from rec_train.data.prepare import prepare, ray_session
+from rec_train.data.prepare import prepare
 from rec_train.data.sequences import SEQUENCE_SCHEMA
 from rec_train.data.synth import SynthConfig, synth
 from rec_train.data.vocab import natural_order
+from rec_train.ray_session import ray_session
 
 REPO = Path(__file__).resolve().parents[1]
 

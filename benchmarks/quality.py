@@ -66,11 +66,12 @@ from rec_train.errors import RayrecError
 from rec_train.model import build_config
 from rec_train.model.text import EMBEDDINGS_FILE, embed_items
 from rec_train.train.batches import trainable_rows
-from rec_train.train.checkpoint import TRAINER_STATE, load_model
+from rec_train.train.checkpoint import TRAINER_STATE
 from rec_train.train.config import TrainConfig
 from rec_train.train.evaluate import evaluate_model, evaluate_popularity, text_vectors
 from rec_train.train.launch import training_window
 from rec_train.train.model_init import fresh_model_config
+from rec_train.train.saved_model import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("published", "strict")
@@ -237,7 +238,7 @@ def chosen_checkpoint(run_dir: Path, protocol: str, metric: str) -> Path:
 
 
 def epoch_records(run_dir: Path) -> list[dict[str, Any]]:
-    from rec_train.train.loop import read_metrics
+    from rec_train.train.run_log import read_metrics
 
     return [r for r in read_metrics(str(run_dir)) if "loss" in r]
 

@@ -112,7 +112,7 @@ def plain_pytorch(data: str, config: TrainConfig, epochs: int) -> float:
 def rayrec_run(data: str, runs: str, name: str, overrides: list[str]) -> list[dict]:
     """One rayrec training run; returns its per-epoch records."""
     from rec_train.train.launch import launch
-    from rec_train.train.loop import read_metrics
+    from rec_train.train.run_log import read_metrics
 
     config = load_config(
         TrainConfig, None, [f"data.path={data}", f"run.storage={runs}", f"run.name={name}", *overrides]

@@ -8,6 +8,7 @@ Ctrl-C or SIGTERM, then shuts Serve down.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
 import sys
@@ -16,6 +17,7 @@ from types import FrameType
 
 from rec_train.config import ConfigError, validate
 from rec_train.errors import RayrecError
+from rec_train.ray_session import init_ray
 from rec_train.storage import StorageError
 
 
@@ -63,6 +65,28 @@ def serve_args(ns: argparse.Namespace) -> dict[str, object]:
     return args
 
 
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1); any other name or address, 0.0.0.0
+    included, can be reached from other machines."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
+def exposure_warning(host: str, port: int, api_key_env: str | None) -> str | None:
+    """The warning for a server that other machines can reach without an API key; None otherwise."""
+    if api_key_env or is_loopback(host):
+        return None
+    return (
+        f"rec-serve deploy: warning: --host {host} accepts connections from other machines and no API key is "
+        f"set, so anyone who can reach port {port} can query the model and read its API pages; pass "
+        "--api-key-env VAR (clients then send the key in the X-API-Key header) or listen on 127.0.0.1"
+    )
+
+
 def _stop(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -76,9 +100,10 @@ def deploy(ns: argparse.Namespace) -> int:
     from rec_serve.schemas import ServeArgs
 
     args = validate(ServeArgs, serve_args(ns), source="rec-serve deploy")
+    if warning := exposure_warning(ns.host, ns.port, args.api_key_env):
+        print(warning, file=sys.stderr, flush=True)
     check_model_folder(args.model)  # before starting Ray, so a wrong path fails in a second
-    address = ns.address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
+    init_ray(address=ns.address, log_to_driver=True)
     signal.signal(signal.SIGTERM, _stop)
     try:
         serve.start(http_options={"host": ns.host, "port": ns.port})
@@ -90,7 +115,7 @@ def deploy(ns: argparse.Namespace) -> int:
             f"  try:  curl -s -X POST {url}/v1/recommend -H 'Content-Type: application/json'{key}"
             ' -d \'{"history": ["ITEM_ID"], "k": 5}\'\n'
             f"  model: curl -s {url}/v1/model{key}\n"
-            f"  API:   {url}/docs\n"
+            f"  API:   {url}/docs{' (send X-API-Key too)' if key else ''}\n"
             "  stop:  Ctrl-C (or kill -TERM this process)",
             flush=True,
         )

@@ -51,6 +51,7 @@ from rec_serve.schemas import (
 logger = logging.getLogger("ray.serve")
 
 API_KEY_HEADER = "x-api-key"
+OPEN_PATHS = ("/healthz",)  # for probes; with an API key set, every other path needs it, /docs included
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "missing or wrong X-API-Key"},
     404: {"model": ErrorBody, "description": "unknown user or item"},
@@ -219,7 +220,7 @@ def build_api(replica: Recommender) -> FastAPI:
         path = request.url.path.removeprefix(request.scope.get("root_path", ""))  # below the route prefix
         route = path if path.startswith("/v1/") else "other"
         route = "/v1/items" if route.startswith("/v1/items/") else route
-        if replica.api_key is not None and path.startswith("/v1/"):
+        if replica.api_key is not None and path not in OPEN_PATHS:
             sent = request.headers.get(API_KEY_HEADER, "").encode()
             if not hmac.compare_digest(sent, replica.api_key):
                 response = error(401, "missing or wrong X-API-Key header", request_id(request))

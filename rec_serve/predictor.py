@@ -26,14 +26,12 @@ import pyarrow.parquet as pq
 import torch
 
 from rec_serve.schemas import MAX_POPULARITY_PENALTY
-from rec_train import storage
+from rec_train import exported, storage
 from rec_train.data.collate import pad_left
 from rec_train.errors import RayrecError
 from rec_train.model import RecModel
 from rec_train.ranking import candidate_scores, penalise_popularity, top_k, unit_rows
 
-REQUIRED_FILES = ("config.json", "model.safetensors", "items.parquet", "histories.parquet", "rayrec.json")
-PICKLE_WEIGHTS = ("pytorch_model.bin", "model.bin", "pytorch_model.bin.index.json")
 NO_TEXT_VECTORS = (
     "diversity needs item text vectors; this model reads no item text (export a model trained with"
     " model.overrides.item_representation=id+text or text), or send diversity 0"
@@ -123,9 +121,9 @@ def check_model_folder(uri: str) -> storage.Location:
     loc = storage.resolve(uri)
     if not storage.is_dir(loc):
         raise ModelFolderError(f"{loc.uri}: no such model folder; give the --output of rec-train export")
-    missing = [name for name in REQUIRED_FILES if not storage.is_file(loc.join(name))]
+    missing = [name for name in exported.REQUIRED_FILES if not storage.is_file(loc.join(name))]
     if missing:
-        pickled = [name for name in PICKLE_WEIGHTS if storage.is_file(loc.join(name))]
+        pickled = [name for name in exported.PICKLE_WEIGHTS if storage.is_file(loc.join(name))]
         hint = (
             f" (found pickle weights {', '.join(pickled)}, which are never loaded: re-save with"
             " save_pretrained(safe_serialization=True))"
@@ -204,16 +202,16 @@ class Predictor:
             cache_dir = tempfile.mkdtemp(prefix="rayrec-model-")  # the replica's own copy
         local = storage.local_copy(loc, cache_dir or loc.path)
         model = RecModel.from_pretrained(str(local), use_safetensors=True)
-        items = _read_table(local / "items.parquet", ["item_index", "item_id", "title", "count"])
-        hist_table = _read_table(local / "histories.parquet", ["user_id", "items"])
+        items = _read_table(local / exported.ITEMS_FILE, ["item_index", "item_id", "title", "count"])
+        hist_table = _read_table(local / exported.HISTORIES_FILE, ["user_id", "items"])
         histories = {
             str(user): [int(i) for i in seq or []]
             for user, seq in zip(
                 hist_table.column("user_id").to_pylist(), hist_table.column("items").to_pylist(), strict=True
             )
         }
-        info = storage.read_json(storage.resolve(str(local / "rayrec.json")))
-        metrics_path = local / "metrics.json"
+        info = storage.read_json(storage.resolve(str(local / exported.INFO_FILE)))
+        metrics_path = local / exported.METRICS_FILE
         metrics = storage.read_json(storage.resolve(str(metrics_path))) if metrics_path.is_file() else {}
         return cls(model, items, histories, info, metrics, source=loc.uri, explain_items=explain_items)
 

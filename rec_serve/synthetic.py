@@ -9,14 +9,13 @@ serving cost depends on the sizes, not on what the weights learned.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
+from rec_train.exported import write_model_folder
 from rec_train.model import RecModel, build_config
 
 
@@ -39,10 +38,8 @@ def write_exported_model(
     title `Item i` (none for every 5th item) and a Zipf-like event count.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     num_items = int(model.item_embeddings().shape[0]) - 1
     rng = np.random.default_rng(seed)
-    model.save_pretrained(out, safe_serialization=True)
 
     counts = (1000 / np.arange(1, num_items + 1)).astype(np.int64) + 1
     rng.shuffle(counts)
@@ -55,29 +52,17 @@ def write_exported_model(
             "text": [None if i % 5 == 0 else f"Item {i}. Genre {i % 3}" for i in range(1, num_items + 1)],
         }
     )
-    pq.write_table(items, out / "items.parquet")
-
     probs = counts / counts.sum()
     histories = [[]] + [
         rng.choice(np.arange(1, num_items + 1), size=int(rng.integers(1, max_history + 1)), p=probs).tolist()
         for _ in range(1, num_users)
     ]
-    pq.write_table(
-        pa.table(
-            {
-                "user_id": [f"u{u}" for u in range(num_users)],
-                "items": pa.array(histories, pa.list_(pa.int32())),
-            }
-        ),
-        out / "histories.parquet",
+    users = pa.table(
+        {"user_id": [f"u{u}" for u in range(num_users)], "items": pa.array(histories, pa.list_(pa.int32()))}
     )
-    (out / "rayrec.json").write_text(
-        json.dumps(
-            {"model_version": model_version, "config": {"synthetic": True, "seed": seed}, "dataset": {}},
-            indent=2,
-        )
-    )
-    (out / "metrics.json").write_text(json.dumps({"valid": {"ndcg@10": 0.0}, "test": {"ndcg@10": 0.0}}))
+    info = {"model_version": model_version, "config": {"synthetic": True, "seed": seed}, "dataset": {}}
+    metrics = {"valid": {"ndcg@10": 0.0}, "test": {"ndcg@10": 0.0}}
+    write_model_folder(out, model, items, users, info, metrics)
     return out
 
 

@@ -48,7 +48,6 @@ def format_validation_error(model: type[BaseModel], err: ValidationError, source
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
-        key = ".".join(str(p) for p in loc) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             owner = _model_at(model, loc)
@@ -56,9 +55,11 @@ def format_validation_error(model: type[BaseModel], err: ValidationError, source
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
             hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
             msg = f"unknown key{hint} (valid keys here: {', '.join(valid)})"
+        elif e["type"] == "value_error":  # a validator's own message, which names the value
+            msg = str(e["ctx"]["error"])
         elif "input" in e and e["type"] != "missing":
             msg = f"{msg} (got {e['input']!r})"
-        lines.append(f"{source}: {key}: {msg}")
+        lines.append(f"{source}: {'.'.join(map(str, loc))}: {msg}" if loc else f"{source}: {msg}")
     return "\n".join(lines)
 
 

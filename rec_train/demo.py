@@ -26,6 +26,7 @@ from typing import Any
 
 from rec_train.config import validate
 from rec_train.errors import RayrecError
+from rec_train.ray_session import init_ray
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RAW_EVENTS = ("ratings.dat", "u.data", "ratings.csv", "sequences.txt.gz")
@@ -54,11 +55,8 @@ def start_ray(keep_serving: bool) -> None:
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the demo prints its own steps
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset execution plans
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-        return
-    if not keep_serving:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    if os.environ.get("RAY_ADDRESS") or not keep_serving:
+        init_ray(num_cpus=4)
         return
     ray_bin = Path(sys.executable).parent / "ray"
     started = subprocess.run(
@@ -71,7 +69,7 @@ def start_ray(keep_serving: bool) -> None:
             "could not start a local Ray cluster (`ray start --head`); if one is already running, stop it with "
             f"`{ray_bin} stop` or point RAY_ADDRESS at it:\n{started.stderr[-2000:]}"
         )
-    ray.init(address="auto", log_to_driver=False)
+    init_ray(address="auto")
 
 
 def find_movielens(folder: Path) -> tuple[str, Path, Path | None]:
@@ -154,9 +152,9 @@ def demo(data: str | None, output: str, port: int, keep_serving: bool, quick: bo
     from rec_serve.app import build_app
     from rec_train.data.dataset import read_sequences
     from rec_train.model.text import EMBEDDINGS_FILE, embed_items, read_item_text_embeddings
-    from rec_train.train.checkpoint import load_model
     from rec_train.train.evaluate import evaluate_model, evaluate_popularity
     from rec_train.train.export import export
+    from rec_train.train.saved_model import load_model
 
     out = Path(output).resolve()
     if out.exists():

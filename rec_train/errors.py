@@ -9,3 +9,7 @@ class RayrecError(Exception):
 
 class DataError(RayrecError):
     """Raw or prepared data that cannot be used: names the file, column and row count."""
+
+
+class UnsafeCheckpointError(RayrecError):
+    """A torch file whose pickle would build more than tensors and plain values: refused, never run."""

@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 
 from rec_train import storage
 from rec_train.errors import DataError
+from rec_train.exported import ITEMS_FILE, is_model_folder
 
 if TYPE_CHECKING:
     import ray.data
 
 MANIFEST = "manifest.json"
-MODEL_INFO = "rayrec.json"  # an exported model folder, which also holds items.parquet
 SCHEMA_VERSION = 1
 KIND = "rayrec.dataset"
 
@@ -54,15 +54,9 @@ def _read_parquet(loc: storage.Location, columns: list[str] | None = None) -> pa
 def read_items(uri: str) -> pa.Table:
     """`items.parquet` of a prepared dataset or an exported model folder (item_index 1..n)."""
     loc = storage.resolve(uri)
-    if not storage.exists(loc.join(MODEL_INFO)):
+    if not is_model_folder(loc):
         load_manifest(uri)
-    return _read_parquet(loc.join("items.parquet"))
-
-
-def read_users(uri: str) -> pa.Table:
-    """`users.parquet`: `user_index`, `user_id`."""
-    load_manifest(uri)
-    return _read_parquet(storage.resolve(uri).join("users.parquet"))
+    return _read_parquet(loc.join(ITEMS_FILE))
 
 
 def sequence_files(uri: str) -> list[str]:

@@ -15,7 +15,6 @@ printed is a JSON summary.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import time
@@ -36,33 +35,13 @@ from rec_train.data.config import PrepareConfig
 from rec_train.data.sequences import SEQUENCE_SCHEMA, SequenceOptions, build_sequences
 from rec_train.data.vocab import USERS_SCHEMA, Indexer, build_item_vocab, build_user_vocab
 from rec_train.errors import DataError
+from rec_train.ray_session import ray_session
 
 if TYPE_CHECKING:
     import ray.data
 
 EVENTS_PER_PARTITION = 2_000_000
 BUCKETS_PER_PARTITION = 8  # user buckets (groups of whole users) per hash partition
-RAY_ENV_PREFIXES = ("AWS_",)  # forwarded to Ray workers so they reach the same S3 endpoint
-
-
-@contextlib.contextmanager
-def ray_session(num_cpus: int | None = None) -> Iterator[None]:
-    """Use the running Ray; else join RAY_ADDRESS or start a local Ray, and disconnect afterwards."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    env = {k: v for k, v in os.environ.items() if k.startswith(RAY_ENV_PREFIXES)}
-    runtime_env = {"env_vars": env} if env else None
-    if os.environ.get("RAY_ADDRESS"):  # a cluster (e.g. inside `ray job submit`): its size is its own
-        ray.init(log_to_driver=False, runtime_env=runtime_env)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def _user_error(exc: BaseException) -> DataError | None:

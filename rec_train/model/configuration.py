@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
+from pydantic import TypeAdapter, ValidationError
 from transformers import PretrainedConfig
 
 ENCODERS = ("llama", "bert", "sasrec", "hstu")
@@ -64,7 +68,18 @@ class RecConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs) -> None:
         super().__post_init__(**kwargs)
+        self.convert_types()
         self.check()
+
+    def convert_types(self) -> None:
+        """Give each key its annotated type, converted as the training config converts its own keys
+        ("64" -> 64, "1e-8" -> 1e-08, 64.0 -> 64); raise `ValueError` naming a key whose value has none."""
+        for key, (written, adapter) in field_types().items():
+            value = getattr(self, key)
+            try:
+                setattr(self, key, adapter.validate_python(value))
+            except ValidationError:
+                raise ValueError(f"model.{key}={value!r} is not a valid {written}") from None
 
     def check(self) -> None:
         """Raise `ValueError` naming the key, its value and the allowed values."""
@@ -144,3 +159,11 @@ class RecConfig(PretrainedConfig):
     @property
     def is_causal(self) -> bool:
         return self.encoder in CAUSAL_ENCODERS
+
+
+@functools.cache
+def field_types() -> dict[str, tuple[str, TypeAdapter]]:
+    """key -> (its type as written, a validator of that type), for the keys `RecConfig` defines itself."""
+    written = inspect.get_annotations(RecConfig)
+    types = inspect.get_annotations(RecConfig, eval_str=True)
+    return {key: (written[key], TypeAdapter(types[key])) for key in types}

@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput
 
 from rec_train.model.configuration import POINTWISE_HEADS, RecConfig
 from rec_train.model.encoders import build_encoder
+from rec_train.ranking import candidate_scores
 
 
 @dataclass
@@ -342,18 +343,18 @@ class RecModel(RecPreTrainedModel):
         per-user ids to drop (a [B, E] tensor padded with 0, or a list of lists). Call `model.eval()` first.
         """
         scores = self.encode_users(input_ids, attention_mask) @ self.item_embeddings().T  # [B, N + 1]
-        scores[:, 0] = float("-inf")
-        if exclude_history:
-            scores.scatter_(1, input_ids, float("-inf"))
-        if exclude is not None:
-            if not torch.is_tensor(exclude):
-                width = max((len(row) for row in exclude), default=0)
-                exclude = torch.tensor(
-                    [list(row) + [0] * (width - len(row)) for row in exclude], dtype=torch.long
-                )
-            if exclude.numel():
-                scores.scatter_(1, exclude.to(scores.device).long(), float("-inf"))
-        top = scores.topk(min(k, self.config.num_items), dim=-1)
+        if exclude is not None and not torch.is_tensor(exclude):
+            width = max((len(row) for row in exclude), default=0)
+            exclude = torch.tensor(
+                [list(row) + [0] * (width - len(row)) for row in exclude], dtype=torch.long
+            )
+        dropped = [
+            t.to(scores.device).long()
+            for t in (input_ids if exclude_history else None, exclude)
+            if t is not None
+        ]
+        masked = candidate_scores(scores, torch.cat(dropped, dim=1) if dropped else None)  # [B, N + 1]
+        top = masked.topk(min(k, self.config.num_items), dim=-1)
         return top.indices, top.values
 
     @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from rec_train.model.modeling import RecModel
@@ -82,6 +83,21 @@ def apply_lora(model: RecModel, r: int = 8, alpha: int = 16, dropout: float = 0.
         modules_to_save=["pointwise"] if model.pointwise is not None else None,
     )
     return get_peft_model(model, config)
+
+
+def load_weights(
+    model: RecModel, state: dict[str, torch.Tensor], lora_rank: int = 0, lora_alpha: int = 0
+) -> RecModel:
+    """`model` with the weights of `state`: a state dict of `model` itself or, with `lora_rank`, of its
+    LoRA model (`apply_lora(model, lora_rank, lora_alpha)`), whose adapters peft's `merge_and_unload`
+    then folds into the base weights (and whose trained pointwise head it keeps). A buffer missing from
+    `state` keeps its value; any other missing or unexpected key is a ValueError naming them."""
+    target = apply_lora(model, r=lora_rank, alpha=lora_alpha) if lora_rank else model
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in dict(target.named_buffers())]
+    if missing or unexpected:
+        raise ValueError(f"missing {missing}, unexpected {unexpected}")
+    return target.merge_and_unload() if lora_rank else model
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:

@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-from dataclasses import fields
 from typing import Any
 
 import torch
 
 from rec_train.config import ConfigError, parse_override
-from rec_train.model.configuration import RecConfig
+from rec_train.model.configuration import RecConfig, field_types
 
 SIZES: dict[str, dict[str, Any]] = {
     # unit tests: seconds on a laptop CPU, deterministic (no dropout)
@@ -84,8 +83,7 @@ SIZES: dict[str, dict[str, Any]] = {
 
 def config_keys() -> list[str]:
     """The keys a model config accepts (those `RecConfig` defines itself, not the Hugging Face base ones)."""
-    base = {f.name for f in fields(RecConfig.__mro__[1])}
-    return sorted(f.name for f in fields(RecConfig) if f.name not in base)
+    return sorted(field_types())
 
 
 def build_config(size: str = "tiny", **overrides: Any) -> RecConfig:

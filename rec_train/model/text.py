@@ -121,13 +121,6 @@ def read_item_text_embeddings(dataset_uri: str) -> tuple[torch.Tensor, dict[str,
     return tensors["embeddings"], _safetensors_metadata(data)
 
 
-def attach_item_text_embeddings(model: torch.nn.Module, dataset_uri: str) -> dict[str, str]:
-    """Copy a prepared dataset's item text embeddings into a text model's frozen buffer; returns metadata."""
-    embeddings, metadata = read_item_text_embeddings(dataset_uri)
-    model.set_item_text_embeddings(embeddings)
-    return metadata
-
-
 def write_item_text_embeddings(dataset_uri: str, embeddings: torch.Tensor, metadata: dict[str, str]) -> str:
     loc = storage.resolve(dataset_uri).join(EMBEDDINGS_FILE)
     storage.write_bytes(

@@ -5,17 +5,19 @@ A checkpoint folder (one per `ray.train.report`, merged from every worker by Ray
 ```
 deepspeed/state/               engine.save_checkpoint: model, optimizer and scheduler shards per rank
 trainer_state.json             epoch, step, best metric, evaluations without gain, last metrics
-rng_state_{rank}.pt            Python, NumPy and torch RNG of each worker
+rng_state_{rank}.json          Python, NumPy and torch RNG of each worker
 model_config.json              the RecConfig the engine was built from
 run.json                       the resolved TrainConfig and the dataset path
 ```
+
+Nothing in it is unpickled beyond tensors and plain values (`safe_load`). Checkpoints written before
+the RNG state moved to JSON hold `rng_state_{rank}.pt` instead, still read (weights-only).
 """
 
 from __future__ import annotations
 
 import json
 import random
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +28,14 @@ import torch
 from rec_train import storage
 from rec_train.errors import RayrecError
 from rec_train.model import RecConfig, RecModel
+from rec_train.model.peft_utils import load_weights
+from rec_train.train import safe_load
 
 DS_DIR = "deepspeed"
 DS_TAG = "state"
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.json"
 RUN_INFO = "run.json"
-EXPORT_INFO = "rayrec.json"
 
 
 @dataclass
@@ -52,18 +55,28 @@ class TrainerState:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's Python, NumPy, torch (and CUDA) RNG state as JSON values."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),  # (version, 625 ints, gauss)
+        "numpy": [name, key.tolist(), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state().tolist(),  # bytes
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    """Restore what `rng_state` returned (or an older checkpoint's pickled RNG, the same values as tuples,
+    arrays and tensors)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def save(
@@ -71,7 +84,7 @@ def save(
 ) -> None:
     """Every rank: its engine shard and RNG; rank 0 also the trainer state, model config and run info."""
     engine.save_checkpoint(str(directory / DS_DIR), tag=DS_TAG)
-    torch.save(rng_state(), directory / f"rng_state_{rank}.pt")
+    (directory / f"rng_state_{rank}.json").write_text(json.dumps(rng_state()))
     if rank == 0:
         (directory / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2))
         (directory / MODEL_CONFIG).write_text(model_config.to_json_string())
@@ -81,14 +94,17 @@ def save(
 def restore(engine: Any, directory: Path, rank: int, rng: bool = True) -> TrainerState:
     """Load the engine (weights, optimizer, scheduler) and, with `rng`, this rank's RNG state.
     (The optimizer is always loaded: under ZeRO-3 the weights are restored from its fp32 partitions.)"""
-    path, _ = engine.load_checkpoint(str(directory / DS_DIR), tag=DS_TAG)
+    with safe_load.deepspeed_loads(directory / DS_DIR):
+        path, _ = engine.load_checkpoint(str(directory / DS_DIR), tag=DS_TAG)
     if path is None:
         raise RayrecError(
             f"{directory}: no DeepSpeed state under {DS_DIR}/{DS_TAG}; the checkpoint is incomplete"
         )
-    rng_file = directory / f"rng_state_{rank}.pt"
+    rng_file, pickled = directory / f"rng_state_{rank}.json", directory / f"rng_state_{rank}.pt"
     if rng and rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(json.loads(rng_file.read_text()))
+    elif rng and pickled.exists():  # written before the RNG state moved to JSON
+        set_rng_state(safe_load.load(pickled, numpy_arrays=True))
     return TrainerState.from_json((directory / TRAINER_STATE).read_text())
 
 
@@ -101,9 +117,10 @@ def consolidated_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     if any(tag_dir.glob("zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)
+        with safe_load.deepspeed_loads(ds_dir):
+            return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)
     # ZeRO-0: the full module is in the model states file
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = safe_load.load(tag_dir / "mp_rank_00_model_states.pt")
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
 
 
@@ -112,57 +129,15 @@ def is_checkpoint(loc: storage.Location) -> bool:
 
 
 def model_from_checkpoint(directory: Path) -> RecModel:
-    """A plain `RecModel` (no DeepSpeed engine) with the consolidated weights of a checkpoint."""
+    """A plain `RecModel` (no DeepSpeed engine) with the consolidated weights of a checkpoint (LoRA
+    adapters folded in)."""
     config = RecConfig.from_json_file(str(directory / MODEL_CONFIG))
-    model = RecModel(config)
+    finetune = json.loads((directory / RUN_INFO).read_text())["config"].get("finetune") or {}
     state = consolidated_state_dict(directory)
-    if any(".lora_" in key for key in state):
-        from rec_train.train.model_init import merge_lora
-
-        finetune = json.loads((directory / RUN_INFO).read_text())["config"]["finetune"]
-        state = merge_lora(state, finetune["lora_alpha"] / finetune["lora_rank"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in dict(model.named_buffers())]
-    if missing or unexpected:
-        raise RayrecError(
-            f"{directory}: checkpoint does not fit its model config (missing {missing}, unexpected {unexpected})"
+    try:
+        model = load_weights(
+            RecModel(config), state, finetune.get("lora_rank", 0), finetune.get("lora_alpha", 0)
         )
+    except ValueError as exc:
+        raise RayrecError(f"{directory}: checkpoint does not fit its model config ({exc})") from None
     return model.eval()
-
-
-def _not_a_model(loc: storage.Location) -> RayrecError:
-    return RayrecError(
-        f"{loc.uri} is neither an exported model ({EXPORT_INFO} missing) nor a training checkpoint "
-        f"({TRAINER_STATE} missing); pass a folder written by `rec-train export` or a checkpoint_* folder"
-    )
-
-
-def model_max_seq_len(uri: str) -> int:
-    """The max_seq_len of an exported model or a training checkpoint, read from its config alone."""
-    loc = storage.resolve(uri)
-    if storage.exists(loc.join(EXPORT_INFO)):
-        return int(storage.read_json(loc.join("config.json"))["max_seq_len"])
-    if is_checkpoint(loc):
-        return int(storage.read_json(loc.join(MODEL_CONFIG))["max_seq_len"])
-    raise _not_a_model(loc)
-
-
-def load_model(uri: str) -> tuple[RecModel, dict[str, Any]]:
-    """An exported model folder or a training checkpoint (local or S3) -> (model in eval mode, info).
-
-    `info` has `data_path` (the dataset the model was trained on) and, for a checkpoint, `trainer_state`.
-    """
-    loc = storage.resolve(uri)
-    with tempfile.TemporaryDirectory(prefix="rayrec-model-") as tmp:
-        if storage.exists(loc.join(EXPORT_INFO)):
-            local = storage.local_copy(loc, tmp)
-            info = json.loads((local / EXPORT_INFO).read_text())
-            model = RecModel.from_pretrained(str(local)).eval()
-            return model, {"data_path": info.get("config", {}).get("data", {}).get("path"), **info}
-        if not is_checkpoint(loc):
-            raise _not_a_model(loc)
-        local = storage.local_copy(loc, tmp)
-        model = model_from_checkpoint(local)
-        run = json.loads((local / RUN_INFO).read_text())
-        state = json.loads((local / TRAINER_STATE).read_text())
-        return model, {"data_path": run["config"]["data"]["path"], "trainer_state": state, **run}

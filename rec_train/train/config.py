@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from rec_train.config import StrictModel
 
@@ -37,6 +37,12 @@ class DataSection(StrictModel):
         description="sort each run of this many batches by history length before cutting it into batches, "
         "so a batch pads less (faster when histories differ in length; 0: off, random batches)",
     )
+    cache: bool = Field(
+        True,
+        description="read and window the sequences once into Ray's object store (spilled to disk when full), so "
+        "later epochs and evaluations read no files and start no tasks; false: stream them from storage every "
+        "epoch (a dataset far larger than the cluster's object store)",
+    )
     windows: Literal["last", "all"] = Field(
         "last",
         description="last: each user trains on their newest max_seq_len + 1 items; all: a longer history "
@@ -46,13 +52,42 @@ class DataSection(StrictModel):
 
 
 class ModelSection(StrictModel):
-    """`build_config(size, **overrides)`; `num_items` and `max_seq_len` come from the dataset."""
+    """`build_config(size, **overrides)`; `num_items` and `max_seq_len` come from the dataset.
 
-    size: str = "tiny"
-    overrides: dict[str, Any] = Field(default_factory=dict)
+    The model config is built when the config is loaded, so a bad size, key or value fails before Ray
+    starts, with the model config's own checks (rec_train/model/configuration.py)."""
+
+    size: str = Field(
+        "tiny", description="named size (rec_train/model/sizes.py; `rec-train params --size SIZE` counts it)"
+    )
     max_seq_len: int | None = Field(
         None, ge=1, description="default: the dataset's, else the size's max_seq_len"
     )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="model config keys (the fields of rec_train/model/configuration.py's `RecConfig`) set on "
+        "top of the size, e.g. {hidden_size: 128}",
+    )
+
+    @field_validator("size")
+    @classmethod
+    def _check_size(cls, size: str) -> str:
+        """An unknown size raises `ConfigError` listing the sizes."""
+        from rec_train.model.sizes import build_config  # here, not above: the model package loads torch
+
+        build_config(size)
+        return size
+
+    @field_validator("overrides")
+    @classmethod
+    def _check_overrides(cls, overrides: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """The size's model config with these keys on top must build (`RecConfig` checks every value)."""
+        from rec_train.model.sizes import build_config
+
+        if "size" in info.data:  # else the size's own error says what to fix
+            fixed = {"max_seq_len": info.data["max_seq_len"]} if info.data.get("max_seq_len") else {}
+            build_config(info.data["size"], **{**fixed, **overrides})
+        return overrides
 
 
 class OptimSection(StrictModel):
@@ -152,6 +187,17 @@ class RunSection(StrictModel):
     max_failures: int = Field(
         2, ge=-1, description="worker-group restarts from the latest checkpoint (-1: any)"
     )
+    tracking: Literal["none", "mlflow", "tensorboard"] = Field(
+        "none",
+        description="experiment tracking from rank 0: mlflow (Ray's setup_mlflow: the config as params, every "
+        "epoch's figures as metrics) or tensorboard (tensorboardX scalars); metrics.jsonl is written either way",
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="mlflow: the tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's default); "
+        "tensorboard: the log folder, local or s3:// (default: RUN/tensorboard)",
+    )
+    experiment: str = Field("rayrec", description="mlflow: the experiment's name (created when missing)")
 
 
 class FinetuneSection(StrictModel):
@@ -211,6 +257,11 @@ class TrainConfig(StrictModel):
     def metric_order(self) -> Literal["max", "min"]:
         """Whether a higher (`max`) or lower (`min`) eval.metric is better."""
         return "min" if self.eval.metric in LOWER_IS_BETTER else "max"
+
+    @property
+    def metric_sign(self) -> int:
+        """1 when a higher eval.metric is better, -1 when a lower one is: `sign * value` is always maximised."""
+        return 1 if self.metric_order == "max" else -1
 
     @property
     def eval_split(self) -> str:

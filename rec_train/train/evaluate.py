@@ -256,7 +256,7 @@ def load_for_evaluation(
     `data` (default: the dataset it was trained on)."""
     from rec_train.data.dataset import read_sequences
     from rec_train.errors import RayrecError
-    from rec_train.train.checkpoint import load_model
+    from rec_train.train.saved_model import load_model
 
     model, info = load_model(model_uri)
     data = data or info.get("data_path")

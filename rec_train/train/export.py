@@ -8,8 +8,6 @@ validation/test metrics of exactly these weights (docs/formats.md, "Exported mod
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import tempfile
 from datetime import datetime, timezone
@@ -17,17 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rec_train import storage
 from rec_train.errors import RayrecError
+from rec_train.exported import write_model_folder
 from rec_train.train import checkpoint as ckpt
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    return sink.getvalue()
 
 
 def export(
@@ -51,10 +43,6 @@ def export(
         state = json.loads((local / ckpt.TRAINER_STATE).read_text())
         data_path = run["config"]["data"]["path"]
 
-        folder = Path(tmp) / "model"
-        model.save_pretrained(str(folder))
-        weights = (folder / "model.safetensors").read_bytes()
-        version = f"{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{hashlib.sha256(weights).hexdigest()[:12]}"
         sequences = read_sequences(data_path)
         metrics: dict[str, Any] = {"checkpoint_metrics": state["metrics"]}
         if evaluate:
@@ -73,7 +61,6 @@ def export(
             {"user_id": sequences["user_id"], "items": sequences["items"].cast(pa.list_(pa.int32()))}
         )
         info = {
-            "model_version": version,
             "created": datetime.now(timezone.utc).isoformat(),
             "checkpoint": src.uri,
             "epoch": state["epoch"],
@@ -82,13 +69,11 @@ def export(
             "init_from": run.get("init_from"),
             "dataset": load_manifest(data_path),
         }
-        (folder / "items.parquet").write_bytes(_parquet_bytes(read_items(data_path)))
-        (folder / "histories.parquet").write_bytes(_parquet_bytes(histories))
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (folder / ckpt.EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
+        folder = Path(tmp) / "model"
+        info = write_model_folder(folder, model, read_items(data_path), histories, info, metrics)
         storage.makedirs(out)
         storage.copy_dir(storage.resolve(str(folder)), out)
-    figures = {"output": out.uri, "model_version": version, "epoch": state["epoch"]}
+    figures = {"output": out.uri, "model_version": info["model_version"], "epoch": state["epoch"]}
     for split in ("valid", "test"):
         figures.update({f"{split}_{k}": v for k, v in metrics.get(split, {}).items()})
     return figures

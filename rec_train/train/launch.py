@@ -25,18 +25,10 @@ import pyarrow.compute as pc
 from rec_train import storage
 from rec_train.config import load_config
 from rec_train.errors import DataError, RayrecError
+from rec_train.ray_session import init_ray, worker_runtime_env
 from rec_train.train.batches import item_events, task_columns, trainable_rows
 from rec_train.train.config import FinetuneSection, TrainConfig
-
-AWS_ENV = (
-    "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-    "AWS_REGION", "AWS_DEFAULT_REGION",
-)  # fmt: skip
-
-
-def aws_env() -> dict[str, str]:
-    """The AWS variables of this process, passed on to every Ray worker so S3 works there too."""
-    return {k: os.environ[k] for k in AWS_ENV if os.environ.get(k)}
+from rec_train.train.run_log import read_metrics
 
 
 def _data_config():
@@ -58,16 +50,12 @@ def _progress(run_uri: str, epochs: int, done: threading.Event) -> None:
     """A progress bar on the driver, following the run's metrics.jsonl."""
     from tqdm import tqdm
 
-    from rec_train.train.loop import METRICS_FILE
-
-    loc = storage.resolve(run_uri).join(METRICS_FILE)
     bar = tqdm(total=epochs, desc="epochs", unit="epoch", dynamic_ncols=True)
     while not done.wait(2.0):
         try:
-            lines = storage.read_text(loc).splitlines() if storage.exists(loc) else []
-        except storage.StorageError:
+            records = read_metrics(run_uri)
+        except storage.StorageError:  # being written
             continue
-        records = [json.loads(line) for line in lines if line.strip()]
         trained = [r for r in records if "loss" in r]
         if trained:
             last = trained[-1]
@@ -138,8 +126,8 @@ def training_window(
 ) -> int | None:
     """Under `data.windows=all`, the max_seq_len of the model that will train (older items train in
     windows of it); None under `last`."""
-    from rec_train.train.checkpoint import model_max_seq_len
     from rec_train.train.model_init import fresh_model_config
+    from rec_train.train.saved_model import model_max_seq_len
 
     if config.data.windows == "last":
         return None
@@ -150,7 +138,6 @@ def training_window(
 
 def launch(config: TrainConfig, init_from: str | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Run training on Ray (starting a local Ray when none is running); returns the run's figures."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -168,15 +155,8 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
     )
     runs = storage.resolve(config.run.storage)
     run_uri = runs.join(name).uri
-    env = aws_env()
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):  # a cluster or a Ray job: its runtime_env carries the AWS variables
-            ray.init()
-        else:  # a local Ray: room for the workers plus Ray Data's read tasks
-            needed = math.ceil(workers * config.scaling.cpus_per_worker) + 1
-            ray.init(
-                num_cpus=max(os.cpu_count() or 1, needed), runtime_env={"env_vars": env} if env else None
-            )
+    needed = math.ceil(workers * config.scaling.cpus_per_worker) + 1  # the workers plus Ray Data's read tasks
+    init_ray(num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=True)
 
     include_valid = config.data.include_valid
     columns = task_columns(config.task)
@@ -184,9 +164,11 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
     train = ray_dataset(config.data.path, columns=columns).map_batches(
         lambda t: trainable_rows(t, include_valid, window), batch_format="pyarrow", zero_copy_batch=True
     )
+    evaluation = ray_dataset(config.data.path, columns=columns)
+    if config.data.cache:  # read once: later epochs iterate blocks already in the object store
+        train, evaluation = train.materialize(), evaluation.materialize()
     rows = train.count() if window else int(manifest["counts"]["users"])  # windows: counted in one pass
     steps_per_epoch = max(1, math.ceil(rows / workers / config.train.batch_size / config.train.grad_accum))
-    evaluation = ray_dataset(config.data.path, columns=columns)
     score = "epoch" if include_valid else f"{config.eval_split}_{config.eval.metric}"
     resources = {"CPU": config.scaling.cpus_per_worker, **config.scaling.resources_per_worker}
     if config.scaling.use_gpu:
@@ -214,7 +196,7 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
                 num_to_keep=config.checkpoint.keep, checkpoint_score_attribute=score,
                 checkpoint_score_order="max" if include_valid else config.metric_order,
             ),
-            worker_runtime_env={"env_vars": env} if env else None,
+            worker_runtime_env=worker_runtime_env(),
         ),
         datasets={"train": train, "eval": evaluation},
         dataset_config=_data_config(),
@@ -236,8 +218,6 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
 
 def summary(run_uri: str, best: Any, is_s3: bool) -> dict[str, Any]:
     """The run's figures: last epoch's loss and speed, the best checkpoint and its test metrics."""
-    from rec_train.train.loop import read_metrics
-
     records = read_metrics(run_uri)
     epochs = [r for r in records if "loss" in r]
     final = next((r for r in reversed(records) if r.get("final")), {})

@@ -1,21 +1,23 @@
-"""The per-worker training loop that Ray Train runs on every worker.
+"""The per-worker training loop that Ray Train runs on every worker, as a recipe of named steps:
 
-Each worker builds the model, wraps it in a DeepSpeed engine (ZeRO stage from the config), reads its
-shard of the sequences with `ray.train.get_dataset_shard`, builds batches, trains, evaluates its share
-of users (all-reduced), and reports metrics and checkpoints. On a restart (a failed worker, or the same
-run started again) it continues from the latest checkpoint's epoch and step.
+    setup -> resume -> per epoch: train_epoch -> evaluate_and_decide -> report (+ checkpoint) -> final_test
+
+`setup` builds the model and its DeepSpeed engine (ZeRO stage from the config); `train_epoch` trains on
+this worker's shard of the sequences (`ray.train.get_dataset_shard`); the `Evaluator` ranks this worker's
+share of users and merges the figures over workers. On a restart (a failed worker, or the same run started
+again) `resume` continues from the latest checkpoint's epoch and step.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import random
 import resource
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,8 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from rec_train import storage
 from rec_train.data.dataset import read_items
+from rec_train.model import RecConfig
 from rec_train.train import checkpoint as ckpt
 from rec_train.train.batches import grouped_by_length, pointwise_batch, position_share, training_batch
 from rec_train.train.config import TrainConfig
@@ -42,20 +44,8 @@ from rec_train.train.metrics import (
 )
 from rec_train.train.model_init import apply_finetune_policy, build_model
 from rec_train.train.optim import build_optimizer, lr_lambda
-
-METRICS_FILE = "metrics.jsonl"
-
-
-def append_metrics(
-    run_uri: str, records: list[dict[str, Any]], keep_through_epoch: int | None = None
-) -> None:
-    """Append lines to the run's metrics.jsonl; `keep_through_epoch` first drops lines of later epochs
-    (trained before a failure, then trained again from the checkpoint)."""
-    kept = read_metrics(run_uri)
-    if keep_through_epoch is not None:
-        kept = [r for r in kept if r.get("epoch", 0) <= keep_through_epoch]
-    lines = [json.dumps(r, sort_keys=True) for r in [*kept, *records]]
-    storage.write_text(storage.resolve(run_uri).join(METRICS_FILE), "\n".join(lines) + "\n")
+from rec_train.train.run_log import append_metrics
+from rec_train.train.tracking import Tracker, start_tracking
 
 
 def peak_memory_mb(on_gpu: bool) -> float:
@@ -63,14 +53,6 @@ def peak_memory_mb(on_gpu: bool) -> float:
     if on_gpu:
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def read_metrics(run_uri: str) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl (epochs, resume events, the final test metrics)."""
-    loc = storage.resolve(run_uri).join(METRICS_FILE)
-    if not storage.exists(loc):
-        return []
-    return [json.loads(line) for line in storage.read_text(loc).splitlines() if line.strip()]
 
 
 class Evaluator:
@@ -131,14 +113,12 @@ class Evaluator:
 def _plain_copy(module: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
     """A copy of a gathered ZeRO-3 module without DeepSpeed's hooks (LoRA merged), for scoring."""
     from rec_train.model import RecModel
-    from rec_train.train.model_init import merge_lora
+    from rec_train.model.peft_utils import load_weights
 
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    if config.finetune is not None and config.finetune.lora_rank:
-        state = merge_lora(state, config.finetune.lora_alpha / config.finetune.lora_rank)
+    lora = (config.finetune.lora_rank, config.finetune.lora_alpha) if config.finetune is not None else (0, 0)
     plain = RecModel(copy.deepcopy(module.config)).to(next(module.parameters()).device)
-    plain.load_state_dict(state)
-    return plain.eval()
+    return load_weights(plain, state, *lora).eval()
 
 
 def _batches(chunks: Iterable[pa.Table], config: TrainConfig, epoch: int) -> Iterator[pa.Table]:
@@ -154,7 +134,35 @@ def _batches(chunks: Iterable[pa.Table], config: TrainConfig, epoch: int) -> Ite
         yield from grouped_by_length(chunk, size, config.data.include_valid, rng)
 
 
-def train_loop_per_worker(payload: dict[str, Any]) -> None:
+@dataclass
+class Worker:
+    """Everything one training worker holds for the length of a run (built by `setup`)."""
+
+    config: TrainConfig
+    rank: int
+    device: torch.device
+    engine: Any  # deepspeed.DeepSpeedEngine
+    scheduler: Any  # the engine's learning-rate scheduler
+    model_config: RecConfig
+    run_uri: str
+    run_info: dict[str, Any]
+    seed: int  # this worker's seed: dropout and shuffling differ between workers
+    evaluate: Evaluator
+    train_shard: Any  # ray.data.DataIterator over this worker's training rows
+    tracker: Tracker | None  # rank 0 under run.tracking
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def metric_key(self) -> str:
+        return f"{self.config.eval_split}_{self.config.eval.metric}"
+
+
+def setup(payload: dict[str, Any]) -> Worker:
+    """Build the model (the same initial weights on every worker), its optimizer and schedule, and the
+    DeepSpeed engine (ZeRO stage from the config); seed this worker."""
     import deepspeed
 
     config = TrainConfig.model_validate(payload["config"])
@@ -164,139 +172,210 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
 
-    # ---- model, engine --------------------------------------------------------------------------
-    torch.manual_seed(config.train.seed)  # the same initial weights on every worker
-    items = read_items(config.data.path)
+    torch.manual_seed(config.train.seed)
+    popularity = {k: np.asarray(v, dtype=np.int64) for k, v in payload["popularity"].items()}
     model = build_model(
         config,
         payload["num_items"],
         payload["max_seq_len"],
-        items,
+        read_items(config.data.path),
         payload["init_from"],
         payload["target_mean"],
-        payload["popularity"]["train"] + (payload["popularity"]["valid"] if config.data.include_valid else 0),
+        popularity["train"] + (popularity["valid"] if config.data.include_valid else 0),
     )
     model_config = model.config
     if config.finetune is not None:
         model = apply_finetune_policy(model, config.finetune)
-    total_steps = config.train.epochs * payload["steps_per_epoch"]
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, config.optim.warmup_ratio, config.optim.min_lr_ratio)
+        optimizer,
+        lr_lambda(
+            config.train.epochs * payload["steps_per_epoch"],
+            config.optim.warmup_ratio,
+            config.optim.min_lr_ratio,
+        ),
     )
     if not on_gpu:
         # DeepSpeed's shared-memory all-reduce op serves only inference all-reduce, yet it is compiled (JIT,
         # minutes) whenever its build cache is cold; gloo carries every collective of training on CPUs.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(config, world, on_gpu), dist_init_required=False,
     )  # fmt: skip
-    seed = config.train.seed + 1000 * rank  # dropout, shuffling: different on each worker
+    seed = config.train.seed + 1000 * rank
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-
     run_uri = payload["run_uri"]
+    evaluate = Evaluator(
+        engine, config, model_config.max_seq_len, device, popularity, f"the model of run {run_uri}"
+    )
     run_info = {"config": payload["config"], "init_from": payload["init_from"], "run": run_uri}
+    shard = ray.train.get_dataset_shard("train")
+    tracker = start_tracking(config, run_uri, run_uri.rstrip("/").rsplit("/", 1)[-1], rank)
+    return Worker(
+        config,
+        rank,
+        device,
+        engine,
+        scheduler,
+        model_config,
+        run_uri,
+        run_info,
+        seed,
+        evaluate,
+        shard,
+        tracker,
+    )
+
+
+def resume(worker: Worker) -> ckpt.TrainerState:
+    """The state of Ray Train's latest checkpoint (a failed worker, or the same run started again), or a
+    fresh one; rank 0 drops the metrics.jsonl records of epochs after it and records the (re)start."""
     state = ckpt.TrainerState()
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
-            state = ckpt.restore(engine, Path(d), rank)
-    if rank == 0:  # records of epochs after the checkpoint (or of an attempt without one) are dropped
+            state = ckpt.restore(worker.engine, Path(d), worker.rank)
+    if worker.rank == 0:
         event = {
             "event": "resumed" if resumed is not None else "started",
             "epoch": state.epoch,
             "step": state.step,
         }
-        append_metrics(run_uri, [event], keep_through_epoch=state.epoch)
+        append_metrics(worker.run_uri, [event], keep_through_epoch=state.epoch)
+    return state
 
-    max_seq_len = model_config.max_seq_len
-    popularity = {k: np.asarray(v, dtype=np.int64) for k, v in payload["popularity"].items()}
-    evaluate = Evaluator(engine, config, max_seq_len, device, popularity, f"the model of run {run_uri}")
-    split = config.eval_split
-    metric_key = f"{split}_{config.eval.metric}"
-    sign = 1 if config.metric_order == "max" else -1  # higher is better, or lower (rmse, mae, logloss)
-    train_shard = ray.train.get_dataset_shard("train")
 
-    # ---- epochs ---------------------------------------------------------------------------------
-    stop = state.epoch >= config.train.epochs
-    while not stop:
-        epoch = state.epoch + 1
-        start, loss_sum, micro_batches, sequences = time.perf_counter(), torch.zeros((), device=device), 0, 0
-        size, group = config.train.batch_size, config.data.group_by_length
-        chunks = train_shard.iter_batches(
-            batch_size=size * max(1, group), batch_format="pyarrow", prefetch_batches=2,
-            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
-            local_shuffle_seed=seed + epoch if config.data.shuffle_buffer else None,
-        )  # fmt: skip
-        for rows in _batches(chunks, config, epoch):
-            if config.task == "next_item":
-                batch = training_batch(rows, max_seq_len, config.data.include_valid)
-            else:
-                batch = pointwise_batch(
-                    rows, max_seq_len, config.data.include_valid, config.task, config.finetune.click_threshold
-                )
-            weight = position_share(batch, size, max_seq_len) if config.train.loss_per == "position" else 1.0
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            loss = engine(**batch).loss
-            engine.backward(loss * weight)
-            engine.step()
-            loss_sum += loss.detach().float()
-            micro_batches += 1
-            sequences += rows.num_rows
-        seconds = time.perf_counter() - start
-        totals = torch.tensor([loss_sum.item(), micro_batches, sequences], dtype=torch.float64, device=device)
-        dist.all_reduce(totals)
-        peak = torch.tensor([peak_memory_mb(on_gpu)], dtype=torch.float64, device=device)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the most any worker used
-        state.epoch, state.step = epoch, engine.global_steps
-        metrics: dict[str, Any] = {
-            "epoch": epoch, "step": state.step, "loss": totals[0].item() / max(1.0, totals[1].item()),
-            "sequences_per_s": totals[2].item() / seconds, "train_s": seconds, "lr": scheduler.get_last_lr()[0],
-            "peak_memory_mb": peak.item(),
-        }  # fmt: skip
-
-        last = epoch >= config.train.epochs
-        save = last or epoch % config.checkpoint.every_epochs == 0
-        if save or epoch % config.eval.every_epochs == 0:
-            eval_start = time.perf_counter()
-            metrics.update(evaluate(split, f"{split}_"))
-            metrics["eval_s"] = time.perf_counter() - eval_start
-            if not config.data.include_valid:  # test targets never choose a model
-                value = metrics[metric_key]
-                if state.best_metric is None or sign * value > sign * state.best_metric:
-                    state.best_metric, state.best_epoch, state.evals_without_gain = value, epoch, 0
-                else:
-                    state.evals_without_gain += 1
-                if config.eval.patience is not None and state.evals_without_gain >= config.eval.patience:
-                    metrics["early_stopped"] = True
-                    save = last = True
-        state.metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        stop = last
-
-        if save:
-            with tempfile.TemporaryDirectory(prefix="rayrec-ckpt-") as tmp:
-                ckpt.save(engine, Path(tmp), state, rank, model_config, run_info)
-                dist.barrier()
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+def train_epoch(worker: Worker, chunks: Iterable[pa.Table], epoch: int) -> dict[str, Any]:
+    """One pass over this worker's training chunks; the loss, speed and peak memory all-reduced over workers."""
+    config, engine, device = worker.config, worker.engine, worker.device
+    size, max_seq_len = config.train.batch_size, worker.model_config.max_seq_len
+    start, loss_sum, micro_batches, sequences = time.perf_counter(), torch.zeros((), device=device), 0, 0
+    for rows in _batches(chunks, config, epoch):
+        if config.task == "next_item":
+            batch = training_batch(rows, max_seq_len, config.data.include_valid)
         else:
-            ray.train.report(metrics)
-        if rank == 0:
-            append_metrics(run_uri, [metrics])
+            batch = pointwise_batch(
+                rows, max_seq_len, config.data.include_valid, config.task, config.finetune.click_threshold
+            )
+        weight = position_share(batch, size, max_seq_len) if config.train.loss_per == "position" else 1.0
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        loss = engine(**batch).loss
+        engine.backward(loss * weight)
+        engine.step()
+        loss_sum += loss.detach().float()
+        micro_batches += 1
+        sequences += rows.num_rows
+    seconds = time.perf_counter() - start
+    totals = torch.tensor([loss_sum.item(), micro_batches, sequences], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    peak = torch.tensor([peak_memory_mb(worker.on_gpu)], dtype=torch.float64, device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the most any worker used
+    return {
+        "epoch": epoch, "step": engine.global_steps, "loss": totals[0].item() / max(1.0, totals[1].item()),
+        "sequences_per_s": totals[2].item() / seconds, "train_s": seconds,
+        "lr": worker.scheduler.get_last_lr()[0], "peak_memory_mb": peak.item(),
+    }  # fmt: skip
 
-    # ---- test metrics of the best validation checkpoint (the last one when training on validation) -------
+
+def epoch_chunks(worker: Worker, epoch: int) -> Iterable[pa.Table]:
+    """This worker's shard of the training rows for `epoch`, in chunks of `batch_size * group_by_length`."""
+    config = worker.config
+    return worker.train_shard.iter_batches(
+        batch_size=config.train.batch_size * max(1, config.data.group_by_length), batch_format="pyarrow",
+        prefetch_batches=2, local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+        local_shuffle_seed=worker.seed + epoch if config.data.shuffle_buffer else None,
+    )  # fmt: skip
+
+
+def due(config: TrainConfig, epoch: int) -> tuple[bool, bool]:
+    """(save a checkpoint, evaluate) after `epoch`: the last epoch always does both."""
+    save = epoch >= config.train.epochs or epoch % config.checkpoint.every_epochs == 0
+    return save, save or epoch % config.eval.every_epochs == 0
+
+
+def record_evaluation(config: TrainConfig, state: ckpt.TrainerState, value: float, epoch: int) -> bool:
+    """Keep the best validation figure in `state`; True when patience has run out (stop early). Higher is
+    better, or lower for rmse, mae and logloss (`config.metric_order`)."""
+    sign = config.metric_sign
+    if state.best_metric is None or sign * value > sign * state.best_metric:
+        state.best_metric, state.best_epoch, state.evals_without_gain = value, epoch, 0
+    else:
+        state.evals_without_gain += 1
+    return config.eval.patience is not None and state.evals_without_gain >= config.eval.patience
+
+
+def evaluate_and_decide(
+    worker: Worker, state: ckpt.TrainerState, metrics: dict[str, Any]
+) -> tuple[bool, bool]:
+    """Evaluate when due (into `metrics`) and decide: (save a checkpoint, stop). Test targets never choose
+    a model: with `data.include_valid` no early stopping."""
+    config, epoch = worker.config, metrics["epoch"]
+    save, evaluate = due(config, epoch)
+    stop = epoch >= config.train.epochs
+    if evaluate:
+        eval_start = time.perf_counter()
+        metrics.update(worker.evaluate(config.eval_split, f"{config.eval_split}_"))
+        metrics["eval_s"] = time.perf_counter() - eval_start
+        if not config.data.include_valid and record_evaluation(
+            config, state, metrics[worker.metric_key], epoch
+        ):
+            metrics["early_stopped"] = True
+            save = stop = True
+    return save, stop
+
+
+def report(worker: Worker, state: ckpt.TrainerState, metrics: dict[str, Any], save: bool) -> None:
+    """Report the epoch to Ray Train (with a checkpoint of every worker's shards when `save`); rank 0
+    appends it to metrics.jsonl."""
+    state.metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    if save:
+        with tempfile.TemporaryDirectory(prefix="rayrec-ckpt-") as tmp:
+            ckpt.save(worker.engine, Path(tmp), state, worker.rank, worker.model_config, worker.run_info)
+            dist.barrier()
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics)
+    if worker.rank == 0:
+        append_metrics(worker.run_uri, [metrics])
+    if worker.tracker is not None:
+        worker.tracker.log(metrics, metrics["epoch"])
+
+
+def final_test(worker: Worker, state: ckpt.TrainerState) -> None:
+    """Test metrics of the best validation checkpoint (the latest one when training on validation, whose
+    test metrics were computed when it was saved), reported and recorded as the run's `final` line."""
+    config, key = worker.config, worker.metric_key
     reported = ray.train.get_all_reported_checkpoints()
-    if config.data.include_valid:  # the latest checkpoint: its test metrics were computed when it was saved
+    if config.data.include_valid:
         chosen = max(reported, key=lambda r: r.metrics["epoch"])
         final = {"final": True, "epoch": state.epoch, "best_epoch": chosen.metrics["epoch"]}
         final.update({k: v for k, v in chosen.metrics.items() if k.startswith("test_")})
     else:
-        chosen = max(reported, key=lambda r: (sign * r.metrics[metric_key], -r.metrics["epoch"]))
+        chosen = max(reported, key=lambda r: (config.metric_sign * r.metrics[key], -r.metrics["epoch"]))
         with chosen.checkpoint.as_directory() as d:
-            ckpt.restore(engine, Path(d), rank, rng=False)
+            ckpt.restore(worker.engine, Path(d), worker.rank, rng=False)
         final = {"final": True, "epoch": state.epoch, "best_epoch": chosen.metrics["epoch"]}
-        final.update(evaluate("test", "test_"))
-        final[metric_key] = chosen.metrics[metric_key]
+        final.update(worker.evaluate("test", "test_"))
+        final[key] = chosen.metrics[key]
     ray.train.report(final)
-    if rank == 0:
-        append_metrics(run_uri, [final])
+    if worker.rank == 0:
+        append_metrics(worker.run_uri, [final])
+    if worker.tracker is not None:
+        worker.tracker.log({k: v for k, v in final.items() if k != "epoch"}, state.epoch)
+        worker.tracker.close()
+
+
+def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    """What Ray Train runs on every worker: setup, resume, then per epoch train, evaluate and decide,
+    report (and checkpoint); last, the test metrics of the chosen checkpoint."""
+    worker = setup(payload)
+    state = resume(worker)
+    stop = state.epoch >= worker.config.train.epochs
+    while not stop:
+        epoch = state.epoch + 1
+        metrics = train_epoch(worker, epoch_chunks(worker, epoch), epoch)
+        state.epoch, state.step = epoch, metrics["step"]
+        save, stop = evaluate_and_decide(worker, state, metrics)
+        report(worker, state, metrics, save)
+    final_test(worker, state)

@@ -74,7 +74,7 @@ def build_model(
         if model_config.uses_text:
             model.set_item_text_embeddings(read_text_embeddings(config.data.path))
     else:
-        from rec_train.train.checkpoint import load_model
+        from rec_train.train.saved_model import load_model
 
         model, info = load_model(init_from)
         old = model.config.num_items
@@ -109,22 +109,3 @@ def apply_finetune_policy(model: RecModel, finetune: FinetuneSection) -> torch.n
         return apply_lora(model, r=finetune.lora_rank, alpha=finetune.lora_alpha)
     apply_freeze_policy(model, finetune.freeze, finetune.top_n)
     return model
-
-
-PEFT_PREFIX = "base_model.model."
-
-
-def merge_lora(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """A peft LoRA state dict -> the plain model's: W + (alpha / r) B A folded into each base weight."""
-    state = {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()}
-    merged = {}
-    for key, value in state.items():
-        if ".lora_" in key:
-            continue
-        if key.endswith(".base_layer.weight"):
-            stem = key[: -len(".base_layer.weight")]
-            a, b = state[f"{stem}.lora_A.default.weight"], state[f"{stem}.lora_B.default.weight"]
-            merged[f"{stem}.weight"] = value + scaling * (b @ a)  # [out, r] @ [r, in] -> [out, in]
-        else:
-            merged[key.replace(".base_layer.", ".")] = value
-    return merged

@@ -9,6 +9,7 @@ import re
 
 from rec_train import storage
 from rec_train.errors import RayrecError
+from rec_train.train.run_log import read_metrics
 
 
 def plot_run(run_uri: str, output: str | None = None) -> dict[str, object]:
@@ -18,8 +19,6 @@ def plot_run(run_uri: str, output: str | None = None) -> dict[str, object]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from rec_train.train.loop import read_metrics
 
     records = [r for r in read_metrics(run_uri) if "loss" in r]
     if not records:

@@ -1,10 +1,15 @@
-"""Helpers for tests that start their own Ray processes: a free port, and the processes to clean up."""
+"""Helpers for tests that start Ray: a free port, the processes to clean up, the serving tests' API key."""
 
 from __future__ import annotations
 
 import os
 import socket
 from pathlib import Path
+
+# Serving tests that configure `api_key_env` read the key from this variable on the replicas, which inherit
+# the environment of the process that starts Ray: the shared Ray (conftest.py) is started with it set.
+TEST_API_KEY_ENV = "RAYREC_TEST_API_KEY"
+TEST_API_KEY = "s3cret-key"
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from local_cluster import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 
 

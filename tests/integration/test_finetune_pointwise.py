@@ -26,9 +26,8 @@ from rec_train.train.config import TrainConfig
 from rec_train.train.evaluate import evaluate_pointwise
 from rec_train.train.export import export
 from rec_train.train.launch import launch, target_mean
-from rec_train.train.loop import read_metrics
+from rec_train.train.run_log import read_metrics
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -41,7 +40,8 @@ def train_config(data: Path, runs: Path, name: str, *overrides: str) -> TrainCon
     return load_config(TrainConfig, None, [*base, *overrides])
 
 
-def test_rating_finetuning_beats_the_mean_and_exports_its_head(ray_4cpu: None, tmp_path: Path) -> None:
+@pytest.mark.e2e
+def test_rating_finetuning_beats_the_mean_and_exports_its_head(ray_shared: None, tmp_path: Path) -> None:
     synth(SynthConfig(output=str(tmp_path / "raw"), users=800, items=120, events=24_000, seed=4))
     data = tmp_path / "data"
     prepare(
@@ -62,13 +62,15 @@ def test_rating_finetuning_beats_the_mean_and_exports_its_head(ray_4cpu: None, t
         train_config(
             data, runs, "rating", "train.epochs=10", "train.batch_size=16", "optim.lr=0.005",
             "finetune.task=rating", "eval.metric=rmse", "eval.patience=3", "checkpoint.every_epochs=1",
-            "checkpoint.keep=1",
+            "checkpoint.keep=1", "run.tracking=tensorboard",
         ),
         init_from=str(tmp_path / "pretrained"),
     )  # fmt: skip
     records = read_metrics(tuned["run"])
     valid_rmse = [r["valid_rmse"] for r in records if "valid_rmse" in r and not r.get("final")]
     assert len(valid_rmse) >= 2 and min(valid_rmse) < valid_rmse[0], valid_rmse
+    events = list((runs / "rating" / "tensorboard").glob("events.out.tfevents.*"))  # run.tracking=tensorboard
+    assert events and all(tag in events[0].read_bytes() for tag in (b"valid_rmse", b"test_rmse", b"loss"))
 
     # the mean training rating, predicted for every test target: the baseline to beat
     train_values = [v for row, n in zip(sequences["values"].to_pylist(), sequences["train_items"].to_pylist(),
@@ -95,7 +97,7 @@ def test_rating_finetuning_beats_the_mean_and_exports_its_head(ray_4cpu: None, t
     assert result["rmse"] == pytest.approx(tuned["test_rmse"], abs=1e-5) and "ndcg@10" in result
 
 
-def test_a_rating_task_on_data_without_values_is_a_clear_error(ray_4cpu: None) -> None:
+def test_a_rating_task_on_data_without_values_is_a_clear_error(ray_shared: None) -> None:
     import ray
 
     rows = pa.table({"values": pa.array([[float("nan")] * 3], pa.list_(pa.float32()))})

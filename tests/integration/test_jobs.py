@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 from local_cluster import free_port, processes_under
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's `ray` and `rec-train`
 UPLOAD_EXCLUDES = [".venv", ".git", "runs", "demo_out", "**/__pycache__", ".pytest_cache", ".ruff_cache"]
@@ -129,7 +131,6 @@ def test_the_jobs_api_refuses_requests_without_the_token(ray_head: Head) -> None
     assert ray_head.get("/api/jobs/", token=ray_head.token) == 200
 
 
-@pytest.mark.slow
 def test_submit_prepare_and_pretrain_as_a_ray_job(ray_head: Head, tmp_path: Path) -> None:
     raw, dataset, runs = tmp_path / "raw", tmp_path / "dataset", tmp_path / "runs"
     synth = subprocess.run(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from rec_train.model.text import TextEncoder
@@ -19,7 +18,6 @@ def movielens_texts(shared_data: Path) -> dict[int, str]:
     return texts
 
 
-@pytest.mark.slow
 def test_minilm_places_similar_titles_closer(shared_data: Path) -> None:
     texts = movielens_texts(shared_data)
     ids = {"toy1": 1, "toy2": 3114, "sw4": 260, "sw5": 1196, "schindler": 527}

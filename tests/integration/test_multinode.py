@@ -35,6 +35,8 @@ from rec_train.data.synth import SynthConfig, synth
 from rec_train.train.config import TrainConfig
 from rec_train.train.launch import launch
 
+pytestmark = pytest.mark.e2e
+
 BIN = Path(sys.executable).parent
 SLOT = "trainer_slot"  # a training worker needs one, so training runs on the worker nodes only
 # Room for both training workers on one worker node: only the placement strategy spreads them.
@@ -125,7 +127,6 @@ def spread_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return {"result": result, "nodes": train_worker_nodes(), "runs": runs}
 
 
-@pytest.mark.slow
 def test_pretraining_workers_run_on_different_worker_nodes(
     cluster: Cluster, spread_run: dict[str, Any]
 ) -> None:
@@ -137,7 +138,6 @@ def test_pretraining_workers_run_on_different_worker_nodes(
     assert [r["epoch"] for r in metrics_records(Path(spread_run["result"]["run"])) if "loss" in r] == [1, 2]
 
 
-@pytest.mark.slow
 def test_serve_replicas_run_on_different_nodes(cluster: Cluster, spread_run: dict[str, Any]) -> None:
     from ray import serve
 
@@ -175,7 +175,6 @@ def test_serve_replicas_run_on_different_nodes(cluster: Cluster, spread_run: dic
         serve.shutdown()
 
 
-@pytest.mark.slow
 def test_a_worker_node_removed_mid_training_is_survived(
     cluster: Cluster, dataset: Path, tmp_path: Path
 ) -> None:

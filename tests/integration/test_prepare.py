@@ -16,7 +16,7 @@ from rec_train.data.prepare import prepare
 from rec_train.data.synth import SynthConfig, synth
 from rec_train.errors import DataError
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = pytest.mark.usefixtures("ray_shared")
 
 
 def run(tmp_path: Path, name: str, **settings) -> tuple[dict, str]:
@@ -69,7 +69,7 @@ def test_policies_counts_and_layout(tmp_path: Path) -> None:
     assert rows["a"]["items"] == [3, 4, 5, 6] and rows["a"]["timestamps"] == [2, 3, 4, 5]
     assert (rows["a"]["train_items"], rows["a"]["valid_item"], rows["a"]["test_item"]) == ([3, 4], 5, 6)
     assert rows["c"]["items"] == [3, 4, 5] and rows["c"]["train_items"] == [3]
-    assert dataset.read_users(out).to_pylist() == [
+    assert pq.read_table(Path(out) / "users.parquet").to_pylist() == [
         {"user_index": 0, "user_id": "a"},
         {"user_index": 1, "user_id": "c"},
     ]
@@ -187,7 +187,6 @@ REAL = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(REAL))
 def test_real_movielens_counts(name: str, shared_data: Path, tmp_path: Path) -> None:
     settings, expected = REAL[name]

@@ -38,7 +38,7 @@ def run_script(*args: str) -> list[str]:
     return [line for line in proc.stdout.splitlines() if line.strip()]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_benchmark_prints_one_json_line_per_seed_and_the_table_summarises_them(
     shared_data: Path, tmp_path: Path
 ) -> None:

@@ -7,7 +7,6 @@ One Serve instance for the module: the `rayrec` app (2 replicas) at `/` and a ke
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,8 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
-import ray
 import torch
+from local_cluster import TEST_API_KEY as KEY
+from local_cluster import TEST_API_KEY_ENV as KEY_ENV
 from local_cluster import free_port
 from ray import serve
 
@@ -27,9 +27,6 @@ from rec_serve.app import APP_NAME, build_app
 from rec_serve.predictor import Predictor, RecommendRequest
 from rec_serve.synthetic import item_id, write_exported_model
 from rec_train.model import RecModel, build_config
-
-KEY_ENV = "RAYREC_TEST_API_KEY"
-KEY = "s3cret-key"
 
 
 @dataclass
@@ -51,10 +48,8 @@ def write_text_model(out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(ray_shared: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = write_text_model(tmp_path_factory.mktemp("serve") / "model")
-    os.environ[KEY_ENV] = KEY  # inherited by the Ray workers started below
-    ray.init(num_cpus=4, include_dashboard=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -68,8 +63,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             yield Server(url, folder, Predictor.load(str(folder)), client)
     finally:
         serve.shutdown()
-        ray.shutdown()
-        os.environ.pop(KEY_ENV, None)
 
 
 def recommend(server: Server, **body: Any) -> dict[str, Any]:
@@ -257,19 +250,30 @@ def test_api_key_is_required_where_configured(server: Server) -> None:
     assert right.status_code == 200 and len(right.json()["items"]) == 3
     assert c.get("/secured/healthz").status_code == 200  # probes need no key
     assert c.post("/v1/recommend", json=body).status_code == 200  # the open app stays open
+    for page in ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"):  # the API's description too
+        assert c.get(f"/secured{page}").status_code == 401, page
+        assert c.get(f"/secured{page}", headers={"X-API-Key": "guess"}).status_code == 401, page
+        assert c.get(f"/secured{page}", headers={"X-API-Key": KEY}).status_code == 200, page
+        assert c.get(page).status_code == 200, page
+    assert "/v1/recommend" in c.get("/secured/openapi.json", headers={"X-API-Key": KEY}).json()["paths"]
 
 
 # ------------------------------------------------------------------ batching
 
 
-def replica_stats(server: Server, polls: int = 30) -> dict[str, dict[str, Any]]:
-    """`serving` stats of each replica of the open app, polled until both answered."""
+def replica_stats(server: Server, rounds: int = 30) -> dict[str, dict[str, Any]]:
+    """`serving` stats of each replica of the open app, polled until both answered: 8 requests at a time,
+    since Serve's router may send one request after another to the same idle replica."""
+
+    def one(_: int) -> dict[str, Any]:
+        return server.client.get("/v1/model").json()["serving"]
+
     seen: dict[str, dict[str, Any]] = {}
-    for _ in range(polls):
-        stats = server.client.get("/v1/model").json()["serving"]
-        seen[stats["replica"]] = stats
-        if len(seen) == 2:
-            break
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in range(rounds):
+            seen.update((stats["replica"], stats) for stats in pool.map(one, range(8)))
+            if len(seen) == 2:
+                break
     return seen
 
 

@@ -58,7 +58,7 @@ def with_changes(cluster: Cluster, model: Path, max_batch_size: int) -> dict[str
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(ray_shared: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("lifecycle")
     v1 = write_tiny_model(root / "v1", model_version="v1", seed=1)
     v2 = write_tiny_model(root / "v2", model_version="v2", seed=2)
@@ -66,7 +66,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     config = yaml.safe_load(CONFIG.read_text())
     config["http_options"]["port"] = port
     config["applications"][0]["args"]["model"] = str(v1)
-    ray.init(num_cpus=4, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         deploy(config)
@@ -74,7 +73,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             yield Cluster(f"http://127.0.0.1:{port}", v1, v2, config, client)
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 def replica_stats(cluster: Cluster, polls: int = 40) -> dict[str, dict[str, Any]]:

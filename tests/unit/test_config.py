@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import model_validator
 
 from rec_train.config import ConfigError, StrictModel, apply_overrides, load_config, parse_override
 
@@ -18,6 +19,21 @@ class Outer(StrictModel):
     name: str
     steps: int = 10
     optim: Inner = Inner()
+
+
+class Span(StrictModel):
+    low: int = 0
+    high: int = 1
+
+    @model_validator(mode="after")
+    def _check_order(self) -> Span:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not be above high ({self.high})")
+        return self
+
+
+class Holder(StrictModel):
+    span: Span = Span()
 
 
 def test_yaml_and_overrides(tmp_path: Path) -> None:
@@ -41,6 +57,15 @@ def test_unknown_key_names_nearest(tmp_path: Path) -> None:
 def test_bad_value_names_key_and_input() -> None:
     with pytest.raises(ConfigError, match=r"config: steps: .*integer.*\(got 'many'\)"):
         load_config(Outer, None, ["name=x", "steps=many"])
+
+
+def test_a_validator_message_is_shown_as_written() -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(Holder, None, ["span.low=3"])
+    assert str(error.value) == "config: span: low (3) must not be above high (1)"
+    with pytest.raises(ConfigError) as error:
+        load_config(Span, None, ["low=3"])
+    assert str(error.value) == "config: low (3) must not be above high (1)"
 
 
 def test_malformed_overrides() -> None:

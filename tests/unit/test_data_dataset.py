@@ -41,7 +41,6 @@ def test_readers_of_a_complete_dataset(tmp_path: Path) -> None:
     write_dataset(tmp_path)
     assert dataset.load_manifest(str(tmp_path))["counts"]["events"] == 3
     assert dataset.read_items(str(tmp_path))["item_id"].to_pylist() == ["a", "b"]
-    assert dataset.read_users(str(tmp_path))["user_id"].to_pylist() == ["u"]
     sequences = dataset.read_sequences(str(tmp_path))
     assert sequences.schema == SEQUENCE_SCHEMA
     assert sequences.to_pylist()[0]["items"] == [1, 2, 1]
@@ -49,7 +48,7 @@ def test_readers_of_a_complete_dataset(tmp_path: Path) -> None:
 
 def test_folder_without_manifest_is_refused(tmp_path: Path) -> None:
     write_dataset(tmp_path, with_manifest=False)
-    for reader in (dataset.load_manifest, dataset.read_items, dataset.read_sequences, dataset.read_users):
+    for reader in (dataset.load_manifest, dataset.read_items, dataset.read_sequences):
         with pytest.raises(DataError, match="manifest.json is missing.*rec-train prepare"):
             reader(str(tmp_path))
 

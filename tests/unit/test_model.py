@@ -398,6 +398,16 @@ def test_config_errors_name_the_key() -> None:
         build_config("huge")
 
 
+def test_config_values_take_their_annotated_types() -> None:
+    config = build_config("tiny", hidden_size=32.0, norm_eps="1e-8", backbone_hidden_size="64")
+    assert (config.hidden_size, config.norm_eps, config.backbone_hidden_size) == (32, 1e-8, 64)
+    assert type(config.hidden_size) is int and type(config.norm_eps) is float
+    with pytest.raises(ConfigError, match=r"model.hidden_size='sixty' is not a valid int"):
+        build_config("tiny", hidden_size="sixty")
+    with pytest.raises(ConfigError, match=r"model.num_key_value_heads=1.5 is not a valid int \| None"):
+        build_config("tiny", num_key_value_heads=1.5)
+
+
 def test_model_package_imports_neither_ray_nor_deepspeed() -> None:
     import subprocess
     import sys

@@ -16,7 +16,6 @@ from rec_train.model import RecModel, build_config
 from rec_train.model.text import (
     EMBEDDINGS_FILE,
     TextEncoder,
-    attach_item_text_embeddings,
     read_item_text_embeddings,
 )
 
@@ -119,7 +118,7 @@ def test_embed_items_command(tiny_bert: Path, tmp_path: Path, capsys: pytest.Cap
     torch.testing.assert_close(table[1:4], expected, atol=1e-5, rtol=0)
     # the table drops into a text model as its frozen buffer
     model = RecModel(build_config("tiny", num_items=4, item_representation="text", text_dim=16))
-    assert attach_item_text_embeddings(model, str(data))["model"] == str(tiny_bert)
+    model.set_item_text_embeddings(table)
     assert torch.equal(model.items.text_embeddings, table)
     with pytest.raises(ValueError, match=r"\(num_items \+ 1, text_dim\)"):
         RecModel(

@@ -1,4 +1,4 @@
-"""TrainConfig validation, the DeepSpeed dict derived from it, the LR schedule, batches, shipped YAML."""
+"""TrainConfig validation (a bad model section fails at load), the DeepSpeed dict, LR schedule, batches."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray
 
+from rec_train.cli import main
 from rec_train.config import ConfigError, load_config
+from rec_train.model import build_config
 from rec_train.train.batches import (
     eval_batch,
     grouped_by_length,
@@ -20,25 +23,6 @@ from rec_train.train.batches import (
 from rec_train.train.config import TrainConfig
 from rec_train.train.deepspeed_config import deepspeed_config
 from rec_train.train.optim import lr_lambda
-
-REPO = Path(__file__).resolve().parents[2]
-SHIPPED = sorted((REPO / "configs" / "pretrain").glob("*.yaml")) + sorted(
-    (REPO / "configs" / "finetune").glob("*.yaml")
-)
-
-
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_shipped_configs_load_and_start_with_their_command(path: Path) -> None:
-    first = path.read_text().splitlines()[0]
-    command = "finetune" if path.parent.name == "finetune" else "pretrain"
-    assert first.startswith(f"# rec-train {command} ") and str(path.relative_to(REPO)) in first
-    config = load_config(TrainConfig, path)
-    assert (config.finetune is not None) == (command == "finetune")
-
-
-def test_there_are_shipped_configs() -> None:
-    names = {p.name for p in SHIPPED}
-    assert "ml-1m.yaml" in names and len(SHIPPED) >= 3
 
 
 def test_deepspeed_dict_is_derived_from_the_typed_config() -> None:
@@ -70,6 +54,43 @@ def test_bad_keys_and_values_name_the_key() -> None:
         load_config(TrainConfig, None, ["data.path=d", "eval.metric=ndcg@20"])
     with pytest.raises(ConfigError, match="deepspeed.zero_stage"):
         load_config(TrainConfig, None, ["data.path=d", "deepspeed.zero_stage=4"])
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("model.overrides.hiden_size=64", "model.overrides: unknown model key 'hiden_size'; did you mean 'hidden_size'?"),
+        ("model.overrides.colour=red", "model.overrides: unknown model key 'colour' (valid keys: attention_dropout,"),
+        ("model.overrides.num_attention_heads=0", "model.overrides: model.num_attention_heads must be >= 1, got 0"),
+        ("model.overrides.hidden_size=sixty", "model.overrides: model.hidden_size='sixty' is not a valid int"),
+        ("model.overrides.encoder=gru", "model.overrides: model.encoder='gru' is not one of llama, bert"),
+        ("model.size=huge", "model.size: unknown model size 'huge'; choose from tiny, ml-1m, base, large"),
+    ],
+)  # fmt: skip
+def test_a_bad_model_section_fails_at_load_naming_the_key(setting: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(TrainConfig, None, ["data.path=d", setting])
+    assert str(error.value).startswith(f"config: {message}")
+    assert not ray.is_initialized()
+
+
+def test_pretrain_with_a_bad_model_key_exits_before_ray_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  path: unused\nmodel:\n  size: tiny\n  overrides:\n    hiden_size: 64\n")
+    assert main(["pretrain", "--config", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: model.overrides: unknown model key 'hiden_size'; did you mean 'hidden_size'?" in err
+    assert not ray.is_initialized()
+
+
+def test_model_values_are_converted_as_the_other_keys_are() -> None:
+    # YAML reads 1e-8 as a string: optim.eps and the model's norm_eps both take it as 1e-08
+    config = load_config(
+        TrainConfig, None, ["data.path=d", "optim.eps=1e-8", "model.overrides.norm_eps=1e-8"]
+    )
+    assert config.optim.eps == build_config(config.model.size, **config.model.overrides).norm_eps == 1e-8
 
 
 def test_lr_warms_up_then_decays_by_cosine_to_the_floor() -> None:

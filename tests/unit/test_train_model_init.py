@@ -11,8 +11,8 @@ import torch
 
 from rec_train.errors import DataError, RayrecError
 from rec_train.model import RecModel, build_config
-from rec_train.model.peft_utils import apply_lora
-from rec_train.train.model_init import check_vocab, merge_lora
+from rec_train.model.peft_utils import apply_lora, load_weights
+from rec_train.train.model_init import check_vocab
 from rec_train.train.plot import plot_run
 
 
@@ -28,18 +28,22 @@ def test_vocab_may_grow_but_known_items_must_keep_their_index() -> None:
 
 def test_merged_lora_state_scores_like_the_peft_model() -> None:
     torch.manual_seed(0)
-    base = RecModel(build_config("tiny", num_items=30)).eval()
-    peft_model = apply_lora(base, r=4, alpha=8)
+    config = build_config("tiny", num_items=30, pointwise_head="rating")
+    peft_model = apply_lora(RecModel(config).eval(), r=4, alpha=8)
     for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.5)  # adapters that change the output
-    ids = torch.tensor([[0, 3, 5, 7], [1, 2, 3, 4]])
+        if "lora_B" in name or "modules_to_save" in name:
+            param.data.normal_(0, 0.5)  # adapters and a trained head that change the output
+    ids, candidates = torch.tensor([[0, 3, 5, 7], [1, 2, 3, 4]]), torch.tensor([6, 9])
     expected = peft_model.encode_users(ids) @ peft_model.item_embeddings().T
+    expected_head = peft_model(ids, candidates=candidates).pointwise_logits
 
-    plain = RecModel(build_config("tiny", num_items=30)).eval()
-    plain.load_state_dict(merge_lora(peft_model.state_dict(), 8 / 4))
+    plain = load_weights(RecModel(config).eval(), peft_model.state_dict(), lora_rank=4, lora_alpha=8)
+    assert type(plain) is RecModel and not any("lora" in key for key in plain.state_dict())
     got = plain.encode_users(ids) @ plain.item_embeddings().T
     assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(plain(ids, candidates=candidates).pointwise_logits, expected_head, atol=1e-5)
+    with pytest.raises(ValueError, match="unexpected"):
+        load_weights(RecModel(config), peft_model.state_dict())  # LoRA keys into the plain model
 
 
 def test_plot_writes_a_png_of_loss_and_ndcg(tmp_path: Path) -> None:

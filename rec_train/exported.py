@@ -1,0 +1,67 @@
+"""The exported model folder (docs/formats.md, "Exported model"): its file names, its writer and what
+marks a folder as one. `rec-train export` and the synthetic models of tests and benchmarks write it with
+`write_model_folder`; the Predictor, `--init-from`, `rec-train evaluate` and the dataset readers read it.
+
+    config.json, model.safetensors   save_pretrained (safetensors only)
+    items.parquet                    item_index, item_id, count, title, text
+    histories.parquet                user_id, items: every known user's history
+    rayrec.json                      model_version, config, dataset manifest, checkpoint, ...
+    metrics.json                     validation / test figures of exactly these weights
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rec_train import storage
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+ITEMS_FILE = "items.parquet"
+HISTORIES_FILE = "histories.parquet"
+INFO_FILE = "rayrec.json"
+METRICS_FILE = "metrics.json"
+REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, ITEMS_FILE, HISTORIES_FILE, INFO_FILE)
+PICKLE_WEIGHTS = ("pytorch_model.bin", "model.bin", "pytorch_model.bin.index.json")  # never loaded
+
+
+def is_model_folder(loc: storage.Location) -> bool:
+    """True when `loc` holds an exported model (its `rayrec.json`), not a prepared dataset or checkpoint."""
+    return storage.exists(loc.join(INFO_FILE))
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def write_model_folder(
+    folder: Path,
+    model: Any,
+    items: pa.Table,
+    histories: pa.Table,
+    info: dict[str, Any],
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """Write every file of the folder into the local `folder`; returns `info` as written. `model` is a
+    `RecModel` (saved with `save_pretrained`, safetensors); without `info["model_version"]` the version is
+    the UTC time and the weights' SHA-256, so the same weights exported twice differ only in time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    if not info.get("model_version"):
+        digest = hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
+        info = {**info, "model_version": f"{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{digest}"}
+    (folder / ITEMS_FILE).write_bytes(_parquet_bytes(items))
+    (folder / HISTORIES_FILE).write_bytes(_parquet_bytes(histories))
+    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+    return info
