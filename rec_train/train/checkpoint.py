@@ -115,9 +115,9 @@ def consolidated_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     if not tag_dir.is_dir():
         raise RayrecError(f"{directory} is not a rayrec training checkpoint: {DS_DIR}/{DS_TAG}/ is missing")
     if any(tag_dir.glob("zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        with safe_load.deepspeed_loads(ds_dir):  # imports DeepSpeed first, its logs on stderr
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with safe_load.deepspeed_loads(ds_dir):
             return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)
     # ZeRO-0: the full module is in the model states file
     states = safe_load.load(tag_dir / "mp_rank_00_model_states.pt")

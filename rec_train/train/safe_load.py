@@ -11,8 +11,10 @@ under torch's `TORCH_FORCE_WEIGHTS_ONLY_LOAD`, which overrides that argument.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,10 +33,14 @@ NUMPY_ARRAYS = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype
 
 
 def deepspeed_records() -> list[type]:
-    """The DeepSpeed classes that ZeRO optimizer states pickle: the loss scaler, the stage, fragment bounds."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    """The DeepSpeed classes that ZeRO optimizer states pickle: the loss scaler, the stage, fragment bounds.
+
+    A first import of DeepSpeed here (export, evaluation, benchmarks) sends its log lines to stderr: its
+    logger writes to the stdout of import time, where rayrec's commands print their JSON."""
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, ZeroStageEnum, fragment_address]
 

@@ -60,6 +60,8 @@ def cluster() -> Iterator[Cluster]:
     )
     assert generated.returncode == 0, generated.stderr
     temp_dir = tempfile.mkdtemp(prefix="rr", dir="/tmp")  # short: socket paths live under it
+    if ray.is_initialized():  # the session's shared Ray (conftest.py); started again by the next user
+        ray.shutdown()
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_TMPDIR", temp_dir)
         env.delenv("RAY_ADDRESS", raising=False)
