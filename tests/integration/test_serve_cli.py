@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from local_cluster import free_port
 
 from rec_serve.synthetic import item_id, write_tiny_model
@@ -17,10 +18,25 @@ from rec_serve.synthetic import item_id, write_tiny_model
 REC_SERVE = str(Path(sys.executable).with_name("rec-serve"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_other_ray() -> None:
+    """`rec-serve deploy` starts its own local Ray, as a user's does: the session's shared Ray is shut down
+    first (the next module that needs it starts it again), so the two never share the machine's CPUs."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.mark.e2e  # in the e2e tier: in the fast tier's process, after the unit tests, it does not stop on Ctrl-C
 def test_deploy_serves_until_interrupted(tmp_path: Path) -> None:
     folder = write_tiny_model(tmp_path / "model", model_version="cli-v1")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local cluster
+    # a fresh local cluster, in a user's environment: no RAY_ADDRESS, nor the torch.distributed variables
+    # of the unit tests' process group (a Serve process that inherits them does not stop on Ctrl-C)
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+    }
     proc = subprocess.Popen(
         [REC_SERVE, "deploy", "--model", str(folder), "--port", str(port), "--max-batch-size", "8"],
         stdout=subprocess.PIPE,
