@@ -12,7 +12,6 @@ marks a folder as one. `rec-train export` and the synthetic models of tests and 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,12 +37,6 @@ def is_model_folder(loc: storage.Location) -> bool:
     return storage.exists(loc.join(INFO_FILE))
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    return sink.getvalue()
-
-
 def write_model_folder(
     folder: Path,
     model: Any,
@@ -60,8 +53,8 @@ def write_model_folder(
     if not info.get("model_version"):
         digest = hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
         info = {**info, "model_version": f"{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{digest}"}
-    (folder / ITEMS_FILE).write_bytes(_parquet_bytes(items))
-    (folder / HISTORIES_FILE).write_bytes(_parquet_bytes(histories))
+    pq.write_table(items, folder / ITEMS_FILE)
+    pq.write_table(histories, folder / HISTORIES_FILE)
     (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
     return info
