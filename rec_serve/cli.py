@@ -104,7 +104,8 @@ def deploy(ns: argparse.Namespace) -> int:
         print(warning, file=sys.stderr, flush=True)
     check_model_folder(args.model)  # before starting Ray, so a wrong path fails in a second
     init_ray(address=ns.address, log_to_driver=True)
-    signal.signal(signal.SIGTERM, _stop)
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a parent may have set it to ignored
+        signal.signal(stop_signal, _stop)
     try:
         serve.start(http_options={"host": ns.host, "port": ns.port})
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")

@@ -267,7 +267,7 @@ class Predictor:
 
     def recommend_prepared(self, prepared: list[PreparedRequest]) -> list[RecommendResponse]:
         """Popularity for empty histories; one forward pass per history-length bucket for the rest."""
-        responses: list[RecommendResponse | None] = [None] * len(prepared)
+        responses: dict[int, RecommendResponse] = {}  # request position -> its answer
         buckets: dict[int, list[int]] = defaultdict(list)
         for n, p in enumerate(prepared):
             if p.history:
@@ -277,7 +277,7 @@ class Predictor:
         for members in buckets.values():
             for n, response in zip(members, self._rank([prepared[n] for n in members]), strict=True):
                 responses[n] = response
-        return [r for r in responses if r is not None]
+        return [responses[n] for n in range(len(prepared))]
 
     @torch.no_grad()
     def _rank(self, batch: list[PreparedRequest]) -> list[RecommendResponse]:

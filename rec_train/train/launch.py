@@ -228,7 +228,7 @@ def summary(run_uri: str, best: Any, is_s3: bool) -> dict[str, Any]:
     if epochs:
         out.update({k: epochs[-1][k] for k in ("epoch", "step", "loss", "sequences_per_s")})
         out["resumed"] = sum(1 for r in records if r.get("event") == "resumed")
-    out.update({k: v for k, v in final.items() if k not in ("final", "epoch")})
+    out.update({k: v for k, v in final.items() if k not in ("final", "epoch", "time")})
     return out
 
 

@@ -28,15 +28,11 @@ def no_other_ray() -> None:
         ray.shutdown()
 
 
-@pytest.mark.e2e  # in the e2e tier: in the fast tier's process, after the unit tests, it does not stop on Ctrl-C
+@pytest.mark.e2e  # a process that starts its own Ray and Serve, as a user's shell does
 def test_deploy_serves_until_interrupted(tmp_path: Path) -> None:
     folder = write_tiny_model(tmp_path / "model", model_version="cli-v1")
     port = free_port()
-    # a fresh local cluster, in a user's environment: no RAY_ADDRESS, nor the torch.distributed variables
-    # of the unit tests' process group (a Serve process that inherits them does not stop on Ctrl-C)
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RANK", "LOCAL_RANK", "WORLD_SIZE")
-    }
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local cluster
     proc = subprocess.Popen(
         [REC_SERVE, "deploy", "--model", str(folder), "--port", str(port), "--max-batch-size", "8"],
         stdout=subprocess.PIPE,
