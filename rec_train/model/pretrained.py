@@ -20,18 +20,39 @@ from rec_train.model.modeling import RecModel
 from rec_train.model.sizes import build_config
 
 BACKBONE_TYPES = ("llama", "bert")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # never pickle (.bin)
+
+
+def read_backbone_config(path_or_uri: str) -> Any:
+    """The checkpoint's `transformers` config, read from its config.json alone (no weights are fetched); a
+    clear error for a path that is no folder, a folder without config.json or weights, or an architecture
+    other than Llama and BERT."""
+    from transformers import CONFIG_MAPPING
+
+    loc = storage.resolve(path_or_uri)
+    if not storage.is_dir(loc):
+        raise ConfigError(f"backbone {path_or_uri!r} is not a folder; give a local folder or an s3:// URI")
+    if not storage.is_file(loc.join("config.json")):
+        raise ConfigError(
+            f"backbone {path_or_uri!r} has no config.json, so it is not a Hugging Face model folder; give the "
+            "folder that save_pretrained wrote"
+        )
+    raw = storage.read_json(loc.join("config.json"))
+    if raw.get("model_type") not in BACKBONE_TYPES:
+        raise ConfigError(
+            f"backbone {path_or_uri!r} is a {raw.get('model_type')!r} model; supported: {', '.join(BACKBONE_TYPES)}"
+        )
+    if not any(storage.is_file(loc.join(name)) for name in WEIGHT_FILES):
+        raise ConfigError(
+            f"backbone {path_or_uri!r} has a config but no weights ({' or '.join(WEIGHT_FILES)}); save the "
+            "model with save_pretrained(folder) (safetensors; a tokenizer alone is not a model)"
+        )
+    return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
 
 
 def config_from_backbone(path_or_uri: str, size: str = "tiny", **overrides: Any) -> RecConfig:
     """A `RecConfig` whose encoder matches the checkpoint's layers, heads and widths."""
-    from transformers import AutoConfig
-
-    with tempfile.TemporaryDirectory(prefix="rayrec-backbone-") as tmp:
-        hf = AutoConfig.from_pretrained(storage.local_folder(path_or_uri, tmp, "backbone checkpoint"))
-    if hf.model_type not in BACKBONE_TYPES:
-        raise ConfigError(
-            f"backbone {path_or_uri!r} is a {hf.model_type!r} model; supported: {', '.join(BACKBONE_TYPES)}"
-        )
+    hf = read_backbone_config(path_or_uri)
     shared = dict(
         backbone_hidden_size=hf.hidden_size,
         num_hidden_layers=hf.num_hidden_layers,
@@ -78,7 +99,7 @@ def load_backbone(model: RecModel, path_or_uri: str) -> list[str]:
 
     with tempfile.TemporaryDirectory(prefix="rayrec-backbone-") as tmp:
         source = AutoModel.from_pretrained(
-            storage.local_folder(path_or_uri, tmp, "backbone checkpoint")
+            storage.local_folder(path_or_uri, tmp, "backbone checkpoint"), use_safetensors=True
         ).state_dict()
     target = model.encoder.state_dict()
     loaded = []

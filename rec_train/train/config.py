@@ -7,11 +7,14 @@ DeepSpeed dict (deepspeed_config.py), the model config (`build_config(size, **ov
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from rec_train.config import StrictModel
+
+if TYPE_CHECKING:
+    from rec_train.model import RecConfig
 
 METRIC_RE = re.compile(r"^(hr|ndcg)@(\d+)$|^mrr$")
 # Pointwise fine-tuning tasks -> the validation metrics that can pick their checkpoints.
@@ -63,10 +66,17 @@ class ModelSection(StrictModel):
     max_seq_len: int | None = Field(
         None, ge=1, description="default: the dataset's, else the size's max_seq_len"
     )
+    backbone: str | None = Field(
+        None,
+        description="a pretrained Hugging Face checkpoint (local folder or s3://...; Llama or BERT family) whose "
+        "transformer blocks start the sequence encoder: its layers, heads and widths replace the size's, and "
+        "item vectors (hidden_size) are projected into its width and back; a new run only (not with --init-from)",
+    )
     overrides: dict[str, Any] = Field(
         default_factory=dict,
+        validate_default=True,  # the size and backbone together are checked even without overrides
         description="model config keys (the fields of rec_train/model/configuration.py's `RecConfig`) set on "
-        "top of the size, e.g. {hidden_size: 128}",
+        "top of the size (and of the backbone's architecture), e.g. {hidden_size: 128}",
     )
 
     @field_validator("size")
@@ -78,16 +88,37 @@ class ModelSection(StrictModel):
         build_config(size)
         return size
 
+    @field_validator("backbone")
+    @classmethod
+    def _check_backbone(cls, backbone: str | None) -> str | None:
+        """A folder (local or S3) with a config.json of a supported architecture and safetensors weights."""
+        from rec_train.model.pretrained import read_backbone_config
+
+        if backbone is not None:
+            read_backbone_config(backbone)
+        return backbone
+
     @field_validator("overrides")
     @classmethod
     def _check_overrides(cls, overrides: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        """The size's model config with these keys on top must build (`RecConfig` checks every value)."""
-        from rec_train.model.sizes import build_config
-
+        """The size's model config (or the backbone's architecture on the size) with these keys on top must
+        build (`RecConfig` checks every value)."""
         if "size" in info.data:  # else the size's own error says what to fix
-            fixed = {"max_seq_len": info.data["max_seq_len"]} if info.data.get("max_seq_len") else {}
-            build_config(info.data["size"], **{**fixed, **overrides})
+            data = info.data
+            model_config(data["size"], data.get("backbone"), data.get("max_seq_len"), overrides)
         return overrides
+
+
+def model_config(
+    size: str, backbone: str | None, max_seq_len: int | None, overrides: dict[str, Any], **fixed: Any
+) -> RecConfig:
+    """The `RecConfig` of a new model: the size, or the backbone checkpoint's architecture on the size, with
+    the dataset's `fixed` figures and `max_seq_len`, then the overrides."""
+    from rec_train.model.pretrained import config_from_backbone
+    from rec_train.model.sizes import build_config
+
+    keys = {**fixed, **({"max_seq_len": max_seq_len} if max_seq_len else {}), **overrides}
+    return build_config(size, **keys) if backbone is None else config_from_backbone(backbone, size, **keys)
 
 
 class OptimSection(StrictModel):

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rec_train import storage
-from rec_train.config import load_config
+from rec_train.config import ConfigError, load_config
 from rec_train.errors import DataError, RayrecError
 from rec_train.ray_session import init_ray, worker_runtime_env
 from rec_train.train.batches import item_events, task_columns, trainable_rows
@@ -144,6 +144,11 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
     from rec_train.data.dataset import load_manifest, ray_dataset, read_items
     from rec_train.train.loop import train_loop_per_worker
 
+    if init_from is not None and config.model.backbone is not None:
+        raise ConfigError(
+            f"model.backbone={config.model.backbone!r} starts a new model, but --init-from {init_from} continues "
+            "one: drop one of them"
+        )
     manifest = load_manifest(config.data.path)
     num_items = int(read_items(config.data.path)["item_index"].to_numpy().max())
     max_seq_len = config.model.max_seq_len or manifest.get("max_seq_len")  # None: the model size's

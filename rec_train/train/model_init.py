@@ -16,8 +16,9 @@ import torch
 
 from rec_train import storage
 from rec_train.errors import DataError
-from rec_train.model import RecConfig, RecModel, build_config
-from rec_train.train.config import FinetuneSection, TrainConfig
+from rec_train.model import RecConfig, RecModel
+from rec_train.model.pretrained import load_backbone
+from rec_train.train.config import FinetuneSection, TrainConfig, model_config
 
 
 def check_vocab(old_items: pa.Table, new_items: pa.Table, source: str, data_path: str) -> None:
@@ -50,9 +51,10 @@ def read_text_embeddings(data_path: str) -> torch.Tensor:
 
 
 def fresh_model_config(config: TrainConfig, num_items: int, max_seq_len: int | None) -> RecConfig:
-    """The config of a new model: `config.model.size` with the dataset's figures, then the overrides."""
-    fixed = {"num_items": num_items, **({"max_seq_len": max_seq_len} if max_seq_len else {})}
-    return build_config(config.model.size, **{**fixed, **config.model.overrides})
+    """The config of a new model: `config.model.size` (or its backbone's architecture) with the dataset's
+    figures, then the overrides."""
+    model = config.model
+    return model_config(model.size, model.backbone, max_seq_len, model.overrides, num_items=num_items)
 
 
 def build_model(
@@ -71,6 +73,8 @@ def build_model(
     if init_from is None:
         model_config = fresh_model_config(config, num_items, max_seq_len)
         model = RecModel(model_config)
+        if config.model.backbone is not None:
+            load_backbone(model, config.model.backbone)
         if model_config.uses_text:
             model.set_item_text_embeddings(read_text_embeddings(config.data.path))
     else:

@@ -2,7 +2,7 @@
 (CPU, gloo), local storage, tracked in a local MLflow file store. The run reports every epoch and the final
 test (to metrics.jsonl and MLflow alike), keeps its newest checkpoint, starts no Ray worker process after its
 first epoch (the cached rows are read once), and the exported model, scored in one process, gives exactly the
-figures the 2 workers all-reduced.
+figures the 2 workers all-reduced. A run whose encoder starts from a pretrained checkpoint (`model.backbone`).
 Failures, S3, ZeRO-2/3, resume and fine-tuning: tests/integration/test_train.py (make test-e2e)."""
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from tiny_data import write_dataset
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from rec_train.config import load_config
 from rec_train.data.dataset import read_sequences
@@ -77,3 +79,31 @@ def test_two_workers_train_checkpoint_and_export_what_they_reported(
     single = evaluate_model(model, read_sequences(str(data)), "test", [10])
     assert single == {k.removeprefix("test_"): v for k, v in result.items() if k.startswith("test_")}
     assert figures["test_ndcg@10"] == result["test_ndcg@10"]
+
+
+def test_a_run_starts_from_a_pretrained_backbone(ray_shared: None, tmp_path: Path) -> None:
+    """`model.backbone`: both workers start the encoder from the checkpoint (ZeRO-2); with a vanishing learning
+    rate the exported encoder is still the checkpoint's."""
+    torch.manual_seed(0)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=16, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64,
+        )
+    ).save_pretrained(tmp_path / "llama")  # fmt: skip
+    data = write_dataset(tmp_path / "data", items=60, step=1, seed=0, users=64)
+    config = load_config(
+        TrainConfig, None,
+        [f"data.path={data}", f"run.storage={tmp_path / 'runs'}", "run.name=backbone", "model.size=tiny",
+         f"model.backbone={tmp_path / 'llama'}", "optim.lr=1e-12", "optim.warmup_ratio=0.0", "train.epochs=1",
+         "train.batch_size=32", "eval.ks=[10]", "deepspeed.zero_stage=2", "scaling.num_workers=2"],
+    )  # fmt: skip
+    result = launch(config, show_progress=False)
+    export(result["checkpoint"], str(tmp_path / "model"), evaluate=False)
+
+    model = RecModel.from_pretrained(str(tmp_path / "model"))
+    source = LlamaForCausalLM.from_pretrained(tmp_path / "llama").model.state_dict()
+    assert model.config.backbone_source == str(tmp_path / "llama") and model.config.backbone_hidden_size == 32
+    for name, value in model.encoder.state_dict().items():
+        if name.startswith("layers."):
+            torch.testing.assert_close(value, source[name], atol=1e-6, rtol=0)

@@ -1,16 +1,23 @@
-"""The sequence encoder initialised from a pretrained Hugging Face checkpoint saved to a temp dir."""
+"""The sequence encoder initialised from a pretrained Hugging Face checkpoint saved to a temp dir, directly and
+through a training config's `model.backbone`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
+import ray
 import torch
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertModel, GPT2Config, LlamaConfig, LlamaForCausalLM
 
-from rec_train.config import ConfigError
+from rec_train import storage
+from rec_train.config import ConfigError, load_config
 from rec_train.model import RecModel
 from rec_train.model.pretrained import config_from_backbone, load_backbone
+from rec_train.train.config import TrainConfig
+from rec_train.train.launch import launch
+from rec_train.train.model_init import build_model
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +81,62 @@ def test_mismatched_backbone_is_an_error(tiny_llama: Path) -> None:
     model = RecModel(config_from_backbone(str(tiny_llama), size="tiny", num_key_value_heads=4))
     with pytest.raises(ConfigError, match="k_proj.weight has shape"):
         load_backbone(model, str(tiny_llama))
+
+
+def test_a_training_config_starts_its_encoder_from_the_backbone(tiny_llama: Path) -> None:
+    config = load_config(TrainConfig, None, ["data.path=unused", f"model.backbone={tiny_llama}"])
+    model = build_model(config, num_items=30, max_seq_len=None, items=pa.table({}), init_from=None)
+    source = LlamaForCausalLM.from_pretrained(tiny_llama)
+    assert model.config.backbone_source == str(tiny_llama) and model.config.num_hidden_layers == 2
+    assert torch.equal(
+        model.encoder.layers[0].self_attn.q_proj.weight, source.model.layers[0].self_attn.q_proj.weight
+    )
+    assert torch.equal(model.encoder.norm.weight, source.model.norm.weight)
+
+
+def test_bad_backbones_fail_when_the_config_loads(tiny_llama: Path, tmp_path: Path) -> None:
+    def load(backbone: Path) -> None:
+        load_config(TrainConfig, None, ["data.path=unused", f"model.backbone={backbone}"])
+
+    with pytest.raises(
+        ConfigError, match=f"model.backbone: backbone '{tmp_path / 'missing'}' is not a folder"
+    ):
+        load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="empty' has no config.json"):
+        load(tmp_path / "empty")
+    LlamaConfig(hidden_size=32, num_attention_heads=4).save_pretrained(tmp_path / "config-only")
+    with pytest.raises(ConfigError, match="has a config but no weights"):
+        load(tmp_path / "config-only")
+    GPT2Config(n_embd=32, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match="is a 'gpt2' model; supported: llama, bert"):
+        load(tmp_path / "gpt2")
+    with pytest.raises(
+        ConfigError, match="num_key_value_heads"
+    ):  # the backbone's architecture, then overrides
+        load_config(
+            TrainConfig, None,
+            ["data.path=unused", f"model.backbone={tiny_llama}", "model.overrides={num_key_value_heads: 3}"],
+        )  # fmt: skip
+
+
+def test_a_backbone_cannot_continue_a_model(tiny_llama: Path, tmp_path: Path) -> None:
+    config = load_config(TrainConfig, None, [f"data.path={tmp_path}", f"model.backbone={tiny_llama}"])
+    with pytest.raises(ConfigError, match="starts a new model, but --init-from"):
+        launch(config, init_from=str(tmp_path / "model"), show_progress=False)
+    assert not ray.is_initialized()
+
+
+def test_a_backbone_in_s3(tiny_llama: Path, s3_bucket: str) -> None:
+    uri = f"s3://{s3_bucket}/backbones/llama"
+    storage.copy_dir(storage.resolve(str(tiny_llama)), storage.resolve(uri))
+    config = load_config(TrainConfig, None, ["data.path=unused", f"model.backbone={uri}"])
+    model = build_model(config, num_items=30, max_seq_len=None, items=pa.table({}), init_from=None)
+    source = LlamaForCausalLM.from_pretrained(tiny_llama)
+    assert torch.equal(
+        model.encoder.layers[1].mlp.down_proj.weight, source.model.layers[1].mlp.down_proj.weight
+    )
+    with pytest.raises(ConfigError, match=f"backbone 's3://{s3_bucket}/backbones/other' is not a folder"):
+        load_config(
+            TrainConfig, None, ["data.path=unused", f"model.backbone=s3://{s3_bucket}/backbones/other"]
+        )
