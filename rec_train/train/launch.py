@@ -175,6 +175,7 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
     rows = train.count() if window else int(manifest["counts"]["users"])  # windows: counted in one pass
     steps_per_epoch = max(1, math.ceil(rows / workers / config.train.batch_size / config.train.grad_accum))
     score = "epoch" if include_valid else f"{config.eval_split}_{config.eval.metric}"
+    order = "max" if include_valid else config.metric_order  # rmse, mae and logloss: lower is better
     resources = {"CPU": config.scaling.cpus_per_worker, **config.scaling.resources_per_worker}
     if config.scaling.use_gpu:
         resources["GPU"] = 1
@@ -199,7 +200,7 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.checkpoint.keep, checkpoint_score_attribute=score,
-                checkpoint_score_order="max" if include_valid else config.metric_order,
+                checkpoint_score_order=order,
             ),
             worker_runtime_env=worker_runtime_env(),
         ),
@@ -218,7 +219,7 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
             bar.join()
     if result.error is not None:
         raise RayrecError(f"training run {run_uri} failed: {result.error}")
-    return summary(run_uri, result.get_best_checkpoint(score, "max"), runs.is_s3)
+    return summary(run_uri, result.get_best_checkpoint(score, order), runs.is_s3)
 
 
 def summary(run_uri: str, best: Any, is_s3: bool) -> dict[str, Any]:
