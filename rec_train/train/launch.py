@@ -223,7 +223,8 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
 
 
 def summary(run_uri: str, best: Any, is_s3: bool) -> dict[str, Any]:
-    """The run's figures: last epoch's loss and speed, the best checkpoint and its test metrics."""
+    """The run's figures: the parameter counts, last epoch's loss and speed, the best checkpoint and its
+    test metrics."""
     records = read_metrics(run_uri)
     epochs = [r for r in records if "loss" in r]
     final = next((r for r in reversed(records) if r.get("final")), {})
@@ -231,6 +232,9 @@ def summary(run_uri: str, best: Any, is_s3: bool) -> dict[str, Any]:
         "run": run_uri,
         "checkpoint": ("s3://" if is_s3 else "") + best.path if best else None,
     }
+    started = [r for r in records if "trainable_parameters" in r]
+    if started:
+        out.update({k: started[-1][k] for k in ("parameters", "trainable_parameters")})
     if epochs:
         out.update({k: epochs[-1][k] for k in ("epoch", "step", "loss", "sequences_per_s")})
         out["resumed"] = sum(1 for r in records if r.get("event") == "resumed")

@@ -186,6 +186,10 @@ def setup(payload: dict[str, Any]) -> Worker:
     model_config = model.config
     if config.finetune is not None:
         model = apply_finetune_policy(model, config.finetune)
+    parameters = {  # counted before ZeRO-3 partitions them
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -209,7 +213,9 @@ def setup(payload: dict[str, Any]) -> Worker:
     evaluate = Evaluator(
         engine, config, model_config.max_seq_len, device, popularity, f"the model of run {run_uri}"
     )
-    run_info = {"config": payload["config"], "init_from": payload["init_from"], "run": run_uri}
+    run_info = {
+        "config": payload["config"], "init_from": payload["init_from"], "run": run_uri, "parameters": parameters
+    }  # fmt: skip
     shard = ray.train.get_dataset_shard("train")
     tracker = start_tracking(config, run_uri, run_uri.rstrip("/").rsplit("/", 1)[-1], rank)
     return Worker(
@@ -230,7 +236,8 @@ def setup(payload: dict[str, Any]) -> Worker:
 
 def resume(worker: Worker) -> ckpt.TrainerState:
     """The state of Ray Train's latest checkpoint (a failed worker, or the same run started again), or a
-    fresh one; rank 0 drops the metrics.jsonl records of epochs after it and records the (re)start."""
+    fresh one; rank 0 drops the metrics.jsonl records of epochs after it and records the (re)start with
+    the model's parameter counts (all, and those that train)."""
     state = ckpt.TrainerState()
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
@@ -241,6 +248,7 @@ def resume(worker: Worker) -> ckpt.TrainerState:
             "event": "resumed" if resumed is not None else "started",
             "epoch": state.epoch,
             "step": state.step,
+            **worker.run_info.get("parameters", {}),
         }
         append_metrics(worker.run_uri, [event], keep_through_epoch=state.epoch)
     return state

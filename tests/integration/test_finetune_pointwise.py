@@ -139,6 +139,7 @@ def test_lora_finetuning_exports_what_the_workers_scored(
         init_from=str(base),
         show_progress=False,
     )  # fmt: skip
+    assert 0 < tuned["trainable_parameters"] < tuned["parameters"] / 2  # the adapters (and a new head)
     figures = export(tuned["checkpoint"], str(tmp_path / "model"))
     model = RecModel.from_pretrained(str(tmp_path / "model")).eval()
     weights = load_file(str(tmp_path / "model" / "model.safetensors"))
