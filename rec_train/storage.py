@@ -163,6 +163,17 @@ def list_files(loc: Location, recursive: bool = True) -> list[str]:
     return sorted(i.path for i in infos if i.type == pafs.FileType.File)
 
 
+def list_dirs(loc: Location) -> list[str]:
+    """Names of the directories directly under a directory, sorted."""
+    try:
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))
+    except FileNotFoundError as exc:
+        raise StorageError(f"{loc.uri} does not exist") from exc
+    except OSError as exc:
+        raise _describe(loc, exc) from exc
+    return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
+
+
 def delete_dir(loc: Location) -> None:
     if exists(loc):
         try:

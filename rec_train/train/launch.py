@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import posixpath
 import re
 import threading
 from datetime import datetime, timezone
@@ -219,7 +220,21 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
             bar.join()
     if result.error is not None:
         raise RayrecError(f"training run {run_uri} failed: {result.error}")
+    kept = [c.path for c, _ in result.best_checkpoints or []]
+    if result.checkpoint is not None:
+        kept.append(result.checkpoint.path)
+    remove_unregistered_checkpoints(runs.join(name), kept)
     return summary(run_uri, result.get_best_checkpoint(score, order), runs.is_s3)
+
+
+def remove_unregistered_checkpoints(run: storage.Location, kept: list[str]) -> None:
+    """Delete the run's checkpoint folders that Ray Train does not keep (`kept`: its best checkpoints and its
+    latest): those a failed attempt finished uploading before the controller registered them, so that
+    `checkpoint.keep` holds after a failure too. Called once the run has ended."""
+    keep = {posixpath.basename(path.rstrip("/")) for path in kept}
+    stale = [d for d in storage.list_dirs(run) if d.startswith("checkpoint_") and d not in keep]
+    for folder in stale:
+        storage.delete_dir(run.join(folder))
 
 
 def summary(run_uri: str, best: Any, is_s3: bool) -> dict[str, Any]:

@@ -47,3 +47,24 @@ def test_s3_round_trip_and_copy(s3_bucket: str, tmp_path: Path) -> None:
 def test_s3_missing_bucket_names_the_fix(s3_env: dict[str, str]) -> None:
     with pytest.raises(storage.StorageError, match=r"s3://no-such-bucket-rayrec/x.*AWS_ENDPOINT_URL_S3"):
         storage.write_text(storage.resolve("s3://no-such-bucket-rayrec/x"), "x")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_checkpoint_folders_ray_train_does_not_keep_are_removed(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    from rec_train.train.launch import remove_unregistered_checkpoints
+
+    root = f"s3://{request.getfixturevalue('s3_bucket')}/run" if where == "s3" else str(tmp_path / "run")
+    run = storage.resolve(root)
+    names = [
+        "checkpoint_2026-01-01_00-00-01.0",
+        "checkpoint_2026-01-01_00-00-02.0",
+        "checkpoint_2026-01-01_00-00-03.0",
+    ]
+    for name in [*names, "tensorboard"]:
+        storage.write_text(run.join(name, "state.json"), "{}")
+    storage.write_text(run.join("metrics.jsonl"), "")
+    remove_unregistered_checkpoints(run, [run.join(names[0]).path, run.join(names[2]).path + "/"])
+    assert storage.list_dirs(run) == [names[0], names[2], "tensorboard"]
+    assert storage.exists(run.join("metrics.jsonl"))
