@@ -152,26 +152,25 @@ def write_json(loc: Location, obj: Any) -> None:
     write_text(loc, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def list_files(loc: Location, recursive: bool = True) -> list[str]:
-    """Paths (inside the filesystem) of the files under a directory, sorted."""
+def _entries(loc: Location, recursive: bool) -> list[pafs.FileInfo]:
     try:
-        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=recursive))
+        return loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=recursive))
     except FileNotFoundError as exc:
         raise StorageError(f"{loc.uri} does not exist") from exc
     except OSError as exc:
         raise _describe(loc, exc) from exc
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+
+
+def list_files(loc: Location, recursive: bool = True) -> list[str]:
+    """Paths (inside the filesystem) of the files under a directory, sorted."""
+    return sorted(i.path for i in _entries(loc, recursive) if i.type == pafs.FileType.File)
 
 
 def list_dirs(loc: Location) -> list[str]:
     """Names of the directories directly under a directory, sorted."""
-    try:
-        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False))
-    except FileNotFoundError as exc:
-        raise StorageError(f"{loc.uri} does not exist") from exc
-    except OSError as exc:
-        raise _describe(loc, exc) from exc
-    return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
+    return sorted(
+        posixpath.basename(i.path) for i in _entries(loc, False) if i.type == pafs.FileType.Directory
+    )
 
 
 def delete_dir(loc: Location) -> None:
