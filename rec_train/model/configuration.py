@@ -8,8 +8,8 @@ import inspect
 from pydantic import TypeAdapter, ValidationError
 from transformers import PretrainedConfig
 
-ENCODERS = ("llama", "bert", "sasrec", "hstu")
-CAUSAL_ENCODERS = ("llama", "sasrec", "hstu")
+ENCODERS = ("llama", "qwen2", "gpt2", "bert", "sasrec", "hstu")
+CAUSAL_ENCODERS = ("llama", "qwen2", "gpt2", "sasrec", "hstu")
 ITEM_REPRESENTATIONS = ("id", "text", "id+text")
 FUSIONS = ("sum", "concat", "gate")
 OBJECTIVES = ("next_item", "masked_item")

@@ -12,10 +12,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig, LlamaConfig
+from transformers import BertConfig, GPT2Config, LlamaConfig, PretrainedConfig, Qwen2Config
 from transformers.activations import ACT2FN
 from transformers.models.bert.modeling_bert import BertLayer
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
 from rec_train.model.configuration import RecConfig
 
@@ -34,9 +36,10 @@ def attention_allowed(attention_mask: torch.Tensor, causal: bool) -> torch.Tenso
     return allowed | torch.eye(length, dtype=torch.bool, device=device)  # [B, 1, L, L]
 
 
-def llama_config(config: RecConfig) -> LlamaConfig:
-    """The `LlamaConfig` the decoder layers are built from (not saved: derived from `RecConfig`)."""
-    return LlamaConfig(
+def decoder_config(config: RecConfig, config_class: type[PretrainedConfig]) -> PretrainedConfig:
+    """The `LlamaConfig` or `Qwen2Config` the decoder layers are built from (not saved: derived from
+    `RecConfig`)."""
+    return config_class(
         vocab_size=1,
         hidden_size=config.backbone_width,
         intermediate_size=config.intermediate_size,
@@ -70,6 +73,23 @@ def bert_config(config: RecConfig) -> BertConfig:
     )
 
 
+def gpt2_config(config: RecConfig) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=1,
+        n_embd=config.backbone_width,
+        n_inner=config.intermediate_size,
+        n_layer=config.num_hidden_layers,
+        n_head=config.num_attention_heads,
+        activation_function=config.hidden_act,
+        resid_pdrop=config.hidden_dropout,
+        embd_pdrop=config.hidden_dropout,
+        attn_pdrop=config.attention_dropout,
+        n_positions=config.max_seq_len + 1,
+        layer_norm_epsilon=config.norm_eps,
+        attn_implementation="sdpa",
+    )
+
+
 class LlamaEncoder(nn.Module):
     """Causal decoder: Llama blocks (RMSNorm, rotary positions, gated SiLU MLP) from `transformers`.
 
@@ -78,13 +98,17 @@ class LlamaEncoder(nn.Module):
     """
 
     causal = True
+    config_class: type[PretrainedConfig] = LlamaConfig
+    layer_class: type[nn.Module] = LlamaDecoderLayer
+    norm_class: type[nn.Module] = LlamaRMSNorm
+    rotary_class: type[nn.Module] = LlamaRotaryEmbedding
 
     def __init__(self, config: RecConfig) -> None:
         super().__init__()
-        lc = llama_config(config)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(lc, i) for i in range(config.num_hidden_layers)])
-        self.norm = LlamaRMSNorm(lc.hidden_size, eps=lc.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(lc)
+        dc = decoder_config(config, self.config_class)
+        self.layers = nn.ModuleList([self.layer_class(dc, i) for i in range(config.num_hidden_layers)])
+        self.norm = self.norm_class(dc.hidden_size, eps=dc.rms_norm_eps)
+        self.rotary_emb = self.rotary_class(dc)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(
@@ -98,6 +122,39 @@ class LlamaEncoder(nn.Module):
             )
             x = x + self.dropout(attended)
             x = x + self.dropout(layer.mlp(layer.post_attention_layernorm(x)))
+        return self.norm(x)
+
+
+class Qwen2Encoder(LlamaEncoder):
+    """Causal decoder: Qwen2 blocks (Llama's, with biases on the query, key and value projections)."""
+
+    config_class = Qwen2Config
+    layer_class = Qwen2DecoderLayer
+    norm_class = Qwen2RMSNorm
+    rotary_class = Qwen2RotaryEmbedding
+
+
+class GPT2Encoder(nn.Module):
+    """Causal decoder: GPT-2 blocks (pre-LN, GELU MLP) from `transformers`, learned absolute positions,
+    a final LayerNorm."""
+
+    causal = True
+
+    def __init__(self, config: RecConfig) -> None:
+        super().__init__()
+        gc = gpt2_config(config)
+        self.position_embeddings = nn.Embedding(config.max_seq_len + 1, gc.n_embd)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList([GPT2Block(gc, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.norm = nn.LayerNorm(gc.n_embd, eps=gc.layer_norm_epsilon)
+
+    def forward(
+        self, x: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        allowed = attention_allowed(attention_mask, causal=True)
+        x = self.dropout(x + self.position_embeddings(position_ids))
+        for layer in self.layers:  # x [B, L, D]
+            x = layer(x, attention_mask=allowed)
         return self.norm(x)
 
 
@@ -258,6 +315,8 @@ class HSTUEncoder(nn.Module):
 
 ENCODER_CLASSES: dict[str, type[nn.Module]] = {
     "llama": LlamaEncoder,
+    "qwen2": Qwen2Encoder,
+    "gpt2": GPT2Encoder,
     "bert": BertEncoder,
     "sasrec": SASRecEncoder,
     "hstu": HSTUEncoder,

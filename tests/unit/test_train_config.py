@@ -63,7 +63,7 @@ def test_bad_keys_and_values_name_the_key() -> None:
         ("model.overrides.colour=red", "model.overrides: unknown model key 'colour' (valid keys: attention_dropout,"),
         ("model.overrides.num_attention_heads=0", "model.overrides: model.num_attention_heads must be >= 1, got 0"),
         ("model.overrides.hidden_size=sixty", "model.overrides: model.hidden_size='sixty' is not a valid int"),
-        ("model.overrides.encoder=gru", "model.overrides: model.encoder='gru' is not one of llama, bert"),
+        ("model.overrides.encoder=gru", "model.overrides: model.encoder='gru' is not one of llama, qwen2, gpt2, bert"),
         ("model.size=huge", "model.size: unknown model size 'huge'; choose from tiny, ml-1m, base, large"),
     ],
 )  # fmt: skip
