@@ -23,7 +23,7 @@ import torch
 from rec_serve.synthetic import write_tiny_model
 from rec_train.config import load_config
 from rec_train.errors import UnsafeCheckpointError
-from rec_train.model import RecModel
+from rec_train.model import RecConfig, RecModel
 from rec_train.train import checkpoint as ckpt
 from rec_train.train import safe_load
 from rec_train.train.config import TrainConfig
@@ -57,13 +57,14 @@ class Run:
     folder: Path
 
 
-def train_one_step(stage: int, folder: Path, *overrides: str) -> Run:
-    """Build the model and engine as the loop does, take one step, save a checkpoint into `folder`."""
+def make_engine(stage: int, *overrides: str, seed: int = 0) -> tuple[TrainConfig, Any, RecConfig]:
+    """The model (adapted for fine-tuning when the overrides say so) in a DeepSpeed engine, as the loop
+    builds them; the model's config besides."""
     import deepspeed
 
     base = ["data.path=unused", "model.size=tiny", f"deepspeed.zero_stage={stage}", "train.batch_size=2"]
     config = load_config(TrainConfig, None, [*base, *overrides])
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(config, NUM_ITEMS, None, pa.table({}), None)
     model_config = model.config
     if config.finetune is not None:
@@ -77,26 +78,51 @@ def train_one_step(stage: int, folder: Path, *overrides: str) -> Run:
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(config, 1, on_gpu=False), dist_init_required=False,
     )  # fmt: skip
-    if model_config.pointwise_head:
-        loss = engine(HISTORY, candidates=CANDIDATES, targets=torch.tensor([4.0, 2.0])).loss
+    return config, engine, model_config
+
+
+def step(engine: Any, head: str | None) -> float:
+    """One optimizer step on a fixed batch (ratings, clicks or next items); returns the loss."""
+    if head is not None:
+        targets = torch.tensor([4.0, 2.0] if head == "rating" else [1.0, 0.0])
+        loss = engine(HISTORY, candidates=CANDIDATES, targets=targets).loss
     else:
         loss = engine(HISTORY, labels=torch.tensor([[3, 5, 7, 8], [2, 3, 4, 5]])).loss
     engine.backward(loss)
     engine.step()
-    state = ckpt.TrainerState(epoch=1, step=engine.global_steps, metrics={"loss": loss.item()})
+    return loss.item()
+
+
+def train_one_step(stage: int, folder: Path, *overrides: str) -> Run:
+    """Build the model and engine as the loop does, take one step, save a checkpoint into `folder`."""
+    config, engine, model_config = make_engine(stage, *overrides)
+    loss = step(engine, model_config.pointwise_head)
+    state = ckpt.TrainerState(epoch=1, step=engine.global_steps, metrics={"loss": loss})
     run_info = {"config": config.model_dump(mode="json"), "init_from": None, "run": str(folder.parent)}
     ckpt.save(engine, folder, state, 0, model_config, run_info)
     return Run(stage, config, engine, folder)
 
 
+LORA = ("finetune.lora_rank=2", "finetune.lora_alpha=4")
+LORA_RUNS = {
+    2: ("model.overrides.pointwise_head=rating", *LORA),
+    3: ("model.overrides.pointwise_head=click", *LORA),
+}
+
+
 @pytest.fixture(scope="module")
 def runs(process_group: None, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Run]:
     """ZeRO-0 and ZeRO-3 pre-training; ZeRO-2 LoRA fine-tuning with a rating head."""
-    lora = ("model.overrides.pointwise_head=rating", "finetune.lora_rank=2", "finetune.lora_alpha=4")
     return {
         stage: train_one_step(stage, tmp_path_factory.mktemp(f"zero{stage}") / "checkpoint", *extra)
-        for stage, extra in ((0, ()), (2, lora), (3, ()))
+        for stage, extra in ((0, ()), (2, LORA_RUNS[2]), (3, ()))
     }
+
+
+@pytest.fixture(scope="module")
+def lora_click(process_group: None, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """ZeRO-3 LoRA fine-tuning with a click head."""
+    return train_one_step(3, tmp_path_factory.mktemp("lora3") / "checkpoint", *LORA_RUNS[3])
 
 
 def engine_state(run: Run) -> dict[str, torch.Tensor]:
@@ -166,15 +192,46 @@ def test_an_older_checkpoint_with_a_pickled_rng_state_still_resumes(
     assert draws() == expected
 
 
-def test_a_lora_checkpoint_consolidates_to_the_merged_model(runs: dict[int, Run]) -> None:
-    run = runs[2]
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_lora_checkpoint_consolidates_to_the_merged_model(
+    runs: dict[int, Run], lora_click: Run, stage: int
+) -> None:
+    """ZeRO-2 with a rating head, ZeRO-3 with a click head: one model, adapters merged, scoring as the
+    engine's adapted model did."""
+    run = runs[2] if stage == 2 else lora_click
     peft_model = run.engine.module.eval()
-    expected_scores = peft_model.encode_users(HISTORY) @ peft_model.item_embeddings().T
-    expected_ratings = peft_model(HISTORY, candidates=CANDIDATES).pointwise_logits
+    with torch.no_grad():
+        expected_scores = peft_model.encode_users(HISTORY) @ peft_model.item_embeddings().T
+        expected_logits = peft_model(HISTORY, candidates=CANDIDATES).pointwise_logits
     model = ckpt.model_from_checkpoint(run.folder)
     assert type(model) is RecModel and not any("lora" in key for key in model.state_dict())
+    assert model.config.pointwise_head == ("rating" if stage == 2 else "click")
     assert torch.allclose(model.encode_users(HISTORY) @ model.item_embeddings().T, expected_scores, atol=1e-5)
-    assert torch.allclose(model(HISTORY, candidates=CANDIDATES).pointwise_logits, expected_ratings, atol=1e-5)
+    assert torch.allclose(model(HISTORY, candidates=CANDIDATES).pointwise_logits, expected_logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_lora_run_resumes_its_adapters_head_and_optimizer(
+    runs: dict[int, Run], lora_click: Run, stage: int
+) -> None:
+    """A fresh engine (other initial weights) restored from the LoRA checkpoint holds the run's adapters and
+    head, and its next step (the optimizer's moments restored too) lands where the run's own next step does."""
+    run = runs[2] if stage == 2 else lora_click
+    _, engine, model_config = make_engine(stage, *LORA_RUNS[stage], seed=1)
+    fresh = Run(stage, run.config, engine, run.folder)
+    state = ckpt.restore(engine, run.folder, 0)
+    assert (state.epoch, state.step, engine.global_steps) == (1, 1, 1)
+    expected = engine_state(run)
+    restored = engine_state(fresh)
+    assert restored.keys() == expected.keys() and all(torch.equal(restored[k], expected[k]) for k in expected)
+    losses = []
+    for resumed in (fresh, run):  # the same batch and dropout masks
+        resumed.engine.train()
+        torch.manual_seed(7)
+        losses.append(step(resumed.engine, model_config.pointwise_head))
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    expected, restored = engine_state(run), engine_state(fresh)
+    assert all(torch.equal(restored[k], expected[k]) for k in expected)
 
 
 # ------------------------------------------------------------------ what is refused
