@@ -20,6 +20,16 @@ LORA_PROJECTIONS: dict[str, tuple[str, ...]] = {
         "mlp.up_proj",
         "mlp.down_proj",
     ),
+    "qwen2": (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ),
+    "gpt2": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),  # Conv1D: peft transposes them itself
     "sasrec": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "up_proj", "down_proj"),
     "hstu": ("uvqk_proj", "o_proj"),
     "bert": (

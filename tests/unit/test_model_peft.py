@@ -107,6 +107,12 @@ def test_lora_on_attention_and_mlp(model: RecModel) -> None:
     [
         ("sasrec", {}, ["attn.k_proj", "attn.o_proj", "attn.q_proj", "attn.v_proj", "down_proj", "up_proj"]),
         ("hstu", {}, ["o_proj", "uvqk_proj"]),
+        ("gpt2", {}, ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]),
+        (
+            "qwen2",
+            {},
+            [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")],
+        ),
         (
             "bert",
             {"objective": "masked_item"},
@@ -129,3 +135,16 @@ def test_lora_targets_per_encoder(encoder: str, extra: dict, adapted: list[str])
         f"base_model.model.encoder.layers.0.{m}.lora_{ab}.default.weight" for m in adapted for ab in "AB"
     ]
     assert trainable_parameter_names(peft_model) == sorted(expected)
+    # adapters that change the output merge into weights that give the same output
+    history = torch.tensor([[1, 2, 3, 4]])
+    peft_model.eval()
+    with torch.no_grad():
+        base_users = peft_model.encode_users(history)  # lora_B starts at zero: the base model's output
+        torch.manual_seed(0)
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+        adapted_users = peft_model.encode_users(history)
+        assert not torch.allclose(adapted_users, base_users, atol=1e-3)
+        merged = peft_model.merge_and_unload()
+        assert torch.allclose(merged.encode_users(history), adapted_users, atol=1e-5)
