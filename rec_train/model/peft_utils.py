@@ -9,26 +9,13 @@ from rec_train.model.modeling import RecModel
 
 FREEZE_POLICIES = ("none", "embeddings", "backbone", "all_but_top_n")
 
+DECODER_PROJECTIONS = tuple(f"self_attn.{p}_proj" for p in "qkvo") + tuple(
+    f"mlp.{p}_proj" for p in ("gate", "up", "down")
+)  # Llama and Qwen2 blocks
 # Attention and MLP projections inside `encoder.layers.*`, per encoder.
 LORA_PROJECTIONS: dict[str, tuple[str, ...]] = {
-    "llama": (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ),
-    "qwen2": (
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ),
+    "llama": DECODER_PROJECTIONS,
+    "qwen2": DECODER_PROJECTIONS,
     "gpt2": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),  # Conv1D: peft transposes them itself
     "sasrec": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "up_proj", "down_proj"),
     "hstu": ("uvqk_proj", "o_proj"),
