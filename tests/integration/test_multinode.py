@@ -1,8 +1,8 @@
 """Several nodes on one machine (`ray.cluster_utils.Cluster`): a head and two worker nodes.
 
-Pre-training puts its two workers on different nodes, Serve puts its two replicas on different
-nodes, and a worker node that disappears mid-training is survived: the run resumes from its last
-checkpoint on a replacement node and finishes.
+One pre-training run puts its two workers on different nodes; a worker node that disappears mid-run is
+survived (the run resumes from its last checkpoint on a replacement node and finishes); Serve puts two
+replicas of the model it exports on different nodes.
 """
 
 from __future__ import annotations
@@ -123,31 +123,69 @@ def metrics_records(run: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def spread_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def node_loss_run(
+    cluster: Cluster, dataset: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """A 5-epoch pre-training run on the two worker nodes; once its first checkpoint is registered, the node
+    of one of its workers is removed and a new worker node added (what an autoscaler would bring). Returns
+    the run's result (or error), the worker nodes of its first attempt, and the worker nodes then."""
     runs = tmp_path_factory.mktemp("runs")
-    result = launch(train_config(dataset, runs, "spread", epochs=2), show_progress=False)
-    return {"result": result, "nodes": train_worker_nodes(), "runs": runs}
+    run = runs / "node-loss"
+    outcome: dict[str, Any] = {"runs": runs, "run": run, "epochs": 5}
+
+    def train() -> None:
+        try:
+            outcome["result"] = launch(
+                train_config(dataset, runs, "node-loss", outcome["epochs"]), show_progress=False
+            )
+        except BaseException as exc:  # handed to the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    deadline = time.monotonic() + 600
+    # The first checkpoint is registered (Ray Train's checkpoint manager snapshot lists it) and rank 0
+    # has logged its epoch: a restart from here must resume, not start over.
+    while not ((run / "checkpoint_manager_snapshot.json").is_file() and (run / "metrics.jsonl").is_file()
+               and any("loss" in r for r in metrics_records(run))):  # fmt: skip
+        assert thread.is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(0.2)
+    outcome["first_nodes"] = train_worker_nodes(alive=True)
+    outcome["worker_nodes"] = worker_node_ids(cluster)
+    doomed = next(n for n in cluster.worker_nodes if n.node_id in outcome["first_nodes"])
+    cluster.remove_node(doomed)
+    worker_node(cluster)  # the replacement an autoscaler would bring
+    thread.join(timeout=900)
+    assert not thread.is_alive(), "training did not finish after the node loss"
+    return outcome
 
 
-def test_pretraining_workers_run_on_different_worker_nodes(
-    cluster: Cluster, spread_run: dict[str, Any]
-) -> None:
-    nodes = spread_run["nodes"]
+def test_pretraining_workers_run_on_different_worker_nodes(node_loss_run: dict[str, Any]) -> None:
+    nodes = node_loss_run["first_nodes"]
     assert len(nodes) == 2
     assert len(set(nodes)) == 2, f"both training workers ran on node {nodes[0]}"
-    assert set(nodes) <= worker_node_ids(cluster)
-    assert spread_run["result"]["checkpoint"] is not None
-    assert [r["epoch"] for r in metrics_records(Path(spread_run["result"]["run"])) if "loss" in r] == [1, 2]
+    assert set(nodes) <= node_loss_run["worker_nodes"]
 
 
-def test_serve_replicas_run_on_different_nodes(cluster: Cluster, spread_run: dict[str, Any]) -> None:
+def test_a_worker_node_removed_mid_training_is_survived(node_loss_run: dict[str, Any]) -> None:
+    assert "error" not in node_loss_run, node_loss_run.get("error")
+    epochs, records = node_loss_run["epochs"], metrics_records(node_loss_run["run"])
+    resumed = [r for r in records if r.get("event") == "resumed"]
+    assert resumed and resumed[0]["epoch"] >= 1, records
+    assert [r["epoch"] for r in records if "loss" in r] == list(range(1, epochs + 1)), records
+    assert records[-1].get("final") and records[-1]["epoch"] == epochs
+    assert node_loss_run["result"]["epoch"] == epochs and node_loss_run["result"]["checkpoint"] is not None
+
+
+def test_serve_replicas_run_on_different_nodes(node_loss_run: dict[str, Any]) -> None:
     from ray import serve
 
     from rec_serve.app import build_app
     from rec_train.train.export import export
 
-    model = spread_run["runs"] / "model"
-    export(spread_run["result"]["checkpoint"], str(model), evaluate=False)
+    assert "error" not in node_loss_run, node_loss_run.get("error")
+    model = node_loss_run["runs"] / "model"
+    export(node_loss_run["result"]["checkpoint"], str(model), evaluate=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -175,42 +213,3 @@ def test_serve_replicas_run_on_different_nodes(cluster: Cluster, spread_run: dic
             assert len(body["items"]) == 5 and not set(history) & {i["item_id"] for i in body["items"]}
     finally:
         serve.shutdown()
-
-
-def test_a_worker_node_removed_mid_training_is_survived(
-    cluster: Cluster, dataset: Path, tmp_path: Path
-) -> None:
-    epochs = 5
-    run = tmp_path / "runs" / "node-loss"
-    outcome: dict[str, Any] = {}
-
-    def train() -> None:
-        try:
-            outcome["result"] = launch(
-                train_config(dataset, tmp_path / "runs", "node-loss", epochs), show_progress=False
-            )
-        except BaseException as exc:  # handed to the test thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=train)
-    thread.start()
-    deadline = time.monotonic() + 600
-    # The first checkpoint is registered (Ray Train's checkpoint manager snapshot lists it) and rank 0
-    # has logged its epoch: a restart from here must resume, not start over.
-    while not ((run / "checkpoint_manager_snapshot.json").is_file() and (run / "metrics.jsonl").is_file()
-               and any("loss" in r for r in metrics_records(run))):  # fmt: skip
-        assert thread.is_alive() and time.monotonic() < deadline, outcome
-        time.sleep(0.2)
-    doomed = next(n for n in cluster.worker_nodes if n.node_id in train_worker_nodes(alive=True))
-    cluster.remove_node(doomed)
-    worker_node(cluster)  # the replacement an autoscaler would bring
-    thread.join(timeout=900)
-    assert not thread.is_alive(), "training did not finish after the node loss"
-    assert "error" not in outcome, outcome.get("error")
-
-    records = metrics_records(run)
-    resumed = [r for r in records if r.get("event") == "resumed"]
-    assert resumed and resumed[0]["epoch"] >= 1, records
-    assert [r["epoch"] for r in records if "loss" in r] == list(range(1, epochs + 1)), records
-    assert records[-1].get("final") and records[-1]["epoch"] == epochs
-    assert outcome["result"]["epoch"] == epochs
