@@ -16,7 +16,7 @@ DECODER_PROJECTIONS = tuple(f"self_attn.{p}_proj" for p in "qkvo") + tuple(
 LORA_PROJECTIONS: dict[str, tuple[str, ...]] = {
     "llama": DECODER_PROJECTIONS,
     "qwen2": DECODER_PROJECTIONS,
-    "gpt2": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),  # Conv1D: peft transposes them itself
+    "gpt2": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
     "sasrec": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "up_proj", "down_proj"),
     "hstu": ("uvqk_proj", "o_proj"),
     "bert": (
@@ -77,6 +77,7 @@ def apply_lora(model: RecModel, r: int = 8, alpha: int = 16, dropout: float = 0.
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=lora_target_pattern(model),
+        fan_in_fan_out=model.config.encoder == "gpt2",  # its Conv1D projections hold weights transposed
         modules_to_save=["pointwise"] if model.pointwise is not None else None,
     )
     return get_peft_model(model, config)
