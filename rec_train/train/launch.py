@@ -137,6 +137,22 @@ def training_window(
     return fresh_model_config(config, num_items, max_seq_len).max_seq_len
 
 
+def absolute_paths(config: TrainConfig) -> TrainConfig:
+    """The config with its local paths (data, backbone) made absolute where the command runs: Ray Train
+    workers run in another directory. URIs and the "minilm" backbone stay as they are."""
+    from rec_train.model.text import MINILM_NAMES
+
+    backbone = config.model.backbone
+    if backbone is not None and backbone.lower() not in MINILM_NAMES:
+        backbone = storage.resolve(backbone).uri
+    return config.model_copy(
+        update={
+            "data": config.data.model_copy(update={"path": storage.resolve(config.data.path).uri}),
+            "model": config.model.model_copy(update={"backbone": backbone}),
+        }
+    )
+
+
 def launch(config: TrainConfig, init_from: str | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Run training on Ray (starting a local Ray when none is running); returns the run's figures."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -150,6 +166,7 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
             f"model.backbone={config.model.backbone!r} starts a new model, but --init-from {init_from} continues "
             "one: drop one of them"
         )
+    config, init_from = absolute_paths(config), init_from and storage.resolve(init_from).uri
     manifest = load_manifest(config.data.path)
     num_items = int(read_items(config.data.path)["item_index"].to_numpy().max())
     max_seq_len = config.model.max_seq_len or manifest.get("max_seq_len")  # None: the model size's

@@ -82,9 +82,12 @@ def test_two_workers_train_checkpoint_and_export_what_they_reported(
     assert figures["test_ndcg@10"] == result["test_ndcg@10"]
 
 
-def test_a_run_starts_from_a_pretrained_backbone(ray_shared: None, tmp_path: Path) -> None:
+def test_a_run_starts_from_a_pretrained_backbone(
+    ray_shared: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`model.backbone`: both workers start the encoder from the checkpoint (ZeRO-2); with a vanishing learning
-    rate the exported encoder is still the checkpoint's."""
+    rate the exported encoder is still the checkpoint's. The data, runs and backbone are given as paths
+    relative to the command's directory (the workers run in another one)."""
     torch.manual_seed(0)
     LlamaForCausalLM(
         LlamaConfig(
@@ -93,10 +96,11 @@ def test_a_run_starts_from_a_pretrained_backbone(ray_shared: None, tmp_path: Pat
         )
     ).save_pretrained(tmp_path / "llama")  # fmt: skip
     data = write_dataset(tmp_path / "data", items=60, step=1, seed=0, users=64)
+    monkeypatch.chdir(tmp_path)
     config = load_config(
         TrainConfig, None,
-        [f"data.path={data}", f"run.storage={tmp_path / 'runs'}", "run.name=backbone", "model.size=tiny",
-         f"model.backbone={tmp_path / 'llama'}", "optim.lr=1e-12", "optim.warmup_ratio=0.0", "train.epochs=1",
+        [f"data.path={data.name}", "run.storage=runs", "run.name=backbone", "model.size=tiny",
+         "model.backbone=llama", "optim.lr=1e-12", "optim.warmup_ratio=0.0", "train.epochs=1",
          "train.batch_size=32", "eval.ks=[10]", "deepspeed.zero_stage=2", "scaling.num_workers=2"],
     )  # fmt: skip
     result = launch(config, show_progress=False)
