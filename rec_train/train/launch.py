@@ -138,17 +138,20 @@ def training_window(
 
 
 def absolute_paths(config: TrainConfig) -> TrainConfig:
-    """The config with its local paths (data, backbone) made absolute where the command runs: Ray Train
-    workers run in another directory. URIs and the "minilm" backbone stay as they are."""
+    """The config with its local paths (data, backbone, TensorBoard folder) made absolute where the command
+    runs: Ray Train workers run in another directory. URIs and the "minilm" backbone stay as they are."""
     from rec_train.model.text import MINILM_NAMES
 
-    backbone = config.model.backbone
+    backbone, run = config.model.backbone, config.run
     if backbone is not None and backbone.lower() not in MINILM_NAMES:
         backbone = storage.resolve(backbone).uri
+    if run.tracking == "tensorboard" and run.tracking_uri is not None:
+        run = run.model_copy(update={"tracking_uri": storage.resolve(run.tracking_uri).uri})
     return config.model_copy(
         update={
             "data": config.data.model_copy(update={"path": storage.resolve(config.data.path).uri}),
             "model": config.model.model_copy(update={"backbone": backbone}),
+            "run": run,
         }
     )
 

@@ -261,3 +261,23 @@ def test_the_training_window_is_the_max_seq_len_of_the_model_that_trains(tmp_pat
         window("data.windows=all", init_from=str(tmp_path))
     with pytest.raises(ConfigError, match="data.windows"):
         window("data.windows=some")
+
+
+def test_local_paths_are_made_absolute_for_the_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rec_train.train.launch import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    relative = load_config(
+        TrainConfig, None,
+        ["data.path=runs/data", "model.backbone=minilm", "run.tracking=tensorboard", "run.tracking_uri=tb"],
+    )  # fmt: skip
+    config = absolute_paths(relative)
+    assert config.data.path == str(tmp_path / "runs" / "data") and config.run.tracking_uri == str(
+        tmp_path / "tb"
+    )
+    assert config.model.backbone == "minilm" and relative.data.path == "runs/data"  # a copy; names stay
+    remote = absolute_paths(load_config(TrainConfig, None, ["data.path=s3://bucket/data/", "run.tracking=mlflow",
+                                                             "run.tracking_uri=databricks"]))  # fmt: skip
+    assert remote.data.path == "s3://bucket/data" and remote.run.tracking_uri == "databricks"
