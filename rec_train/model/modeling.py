@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from rec_train.model.configuration import POINTWISE_HEADS, RecConfig
+from rec_train.model.configuration import CAUSAL_ENCODERS, POINTWISE_HEADS, RecConfig
 from rec_train.model.encoders import build_encoder
 from rec_train.ranking import candidate_scores
 
@@ -243,7 +243,7 @@ class RecModel(RecPreTrainedModel):
             users = self._user_vectors(input_ids, attention_mask)  # [B, d]
         else:  # every position at once: the state after position t rates the candidate at t
             if not self.config.is_causal:
-                raise ValueError("candidates [B, L] need a causal encoder (llama, sasrec or hstu)")
+                raise ValueError(f"candidates [B, L] need a causal encoder ({', '.join(CAUSAL_ENCODERS)})")
             hidden = self._encode(self.items(input_ids), attention_mask)  # [B, L, d]
             at = candidates != 0  # [B, L]
             users, candidates = hidden[at], candidates[at]  # [M, d], [M]

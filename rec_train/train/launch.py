@@ -137,6 +137,21 @@ def training_window(
     return fresh_model_config(config, num_items, max_seq_len).max_seq_len
 
 
+def check_pointwise_encoder(config: TrainConfig, init_from: str) -> None:
+    """A rating or click head scores the event after each position from the history before it, which a
+    bidirectional encoder (BERT, trained on masked items) cannot give: a `ConfigError` before Ray starts."""
+    from rec_train.model.configuration import CAUSAL_ENCODERS
+    from rec_train.train.saved_model import saved_config
+
+    encoder = saved_config(init_from).get("encoder", "llama")
+    if encoder not in CAUSAL_ENCODERS:
+        raise ConfigError(
+            f"finetune.task={config.task} needs a causal encoder, but {init_from} has a bidirectional {encoder!r} "
+            f"one: fine-tune it for next items (finetune.task=next_item), or start from a model with one of "
+            f"{', '.join(CAUSAL_ENCODERS)} (model.backbone: a Llama, Qwen2 or GPT-2 checkpoint)"
+        )
+
+
 def absolute_paths(config: TrainConfig) -> TrainConfig:
     """The config with its local paths (data, backbone, TensorBoard folder) made absolute where the command
     runs: Ray Train workers run in another directory. URIs and the "minilm" backbone stay as they are."""
@@ -170,6 +185,8 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
             "one: drop one of them"
         )
     config, init_from = absolute_paths(config), init_from and storage.resolve(init_from).uri
+    if init_from is not None and config.task != "next_item":
+        check_pointwise_encoder(config, init_from)
     manifest = load_manifest(config.data.path)
     num_items = int(read_items(config.data.path)["item_index"].to_numpy().max())
     max_seq_len = config.model.max_seq_len or manifest.get("max_seq_len")  # None: the model size's

@@ -40,14 +40,19 @@ def _check_weights(loc: storage.Location) -> None:
     )
 
 
-def model_max_seq_len(uri: str) -> int:
-    """The max_seq_len of an exported model or a training checkpoint, read from its config alone."""
+def saved_config(uri: str) -> dict[str, Any]:
+    """The model config (`RecConfig` keys) of an exported model or a training checkpoint, read alone."""
     loc = storage.resolve(uri)
     if exported.is_model_folder(loc):
-        return int(storage.read_json(loc.join(exported.CONFIG_FILE))["max_seq_len"])
+        return storage.read_json(loc.join(exported.CONFIG_FILE))
     if ckpt.is_checkpoint(loc):
-        return int(storage.read_json(loc.join(ckpt.MODEL_CONFIG))["max_seq_len"])
+        return storage.read_json(loc.join(ckpt.MODEL_CONFIG))
     raise _not_a_model(loc)
+
+
+def model_max_seq_len(uri: str) -> int:
+    """The max_seq_len of an exported model or a training checkpoint, read from its config alone."""
+    return int(saved_config(uri)["max_seq_len"])
 
 
 def load_model(uri: str) -> tuple[RecModel, dict[str, Any]]:

@@ -24,7 +24,7 @@ from transformers import (
 
 from rec_train import storage
 from rec_train.config import ConfigError, load_config
-from rec_train.model import RecModel
+from rec_train.model import RecModel, build_config
 from rec_train.model.pretrained import config_from_backbone, load_backbone
 from rec_train.train.config import TrainConfig
 from rec_train.train.launch import launch
@@ -223,3 +223,18 @@ def test_minilm_names_the_real_all_minilm_l6_v2() -> None:
     assert torch.equal(
         model.encoder.position_embeddings.weight, source.embeddings.position_embeddings.weight[:51]
     )
+
+
+def test_a_rating_head_on_a_bidirectional_model_fails_before_ray_starts(tmp_path: Path) -> None:
+    from rec_serve.synthetic import write_exported_model
+
+    model = RecModel(build_config("tiny", encoder="bert", objective="masked_item", num_items=40))
+    write_exported_model(tmp_path / "bert-model", model)
+    config = load_config(
+        TrainConfig, None, [f"data.path={tmp_path}", "finetune.task=rating", "eval.metric=rmse"]
+    )
+    with pytest.raises(
+        ConfigError, match="finetune.task=rating needs a causal encoder, but .* bidirectional 'bert'"
+    ):
+        launch(config, init_from=str(tmp_path / "bert-model"), show_progress=False)
+    assert not ray.is_initialized()
