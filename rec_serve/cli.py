@@ -35,6 +35,10 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
     parser.add_argument(
+        "--user-tower", choices=["fp32", "bf16"], default="fp32",
+        help="precision histories are encoded in (the item matrix stays fp32)",
+    )  # fmt: skip
+    parser.add_argument(
         "--api-key-env", help="environment variable holding the key clients send as X-API-Key"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
@@ -52,6 +56,7 @@ def serve_args(ns: argparse.Namespace) -> dict[str, object]:
         "batch_wait_timeout_s": ns.batch_wait_timeout_s,
         "num_cpus": ns.num_cpus,
         "api_key_env": ns.api_key_env,
+        "user_tower": ns.user_tower,
     }
     if ns.autoscale:
         low, sep, high = ns.autoscale.partition(":")

@@ -143,7 +143,9 @@ class Recommender:
 
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = ServeArgs.model_validate(args)
-        self.predictor = Predictor.load(self.args.model, explain_items=self.args.explain_items)
+        self.predictor = Predictor.load(
+            self.args.model, explain_items=self.args.explain_items, user_tower=self.args.user_tower
+        )
         self.api_key: bytes | None = None
         if self.args.api_key_env:
             key = os.environ.get(self.args.api_key_env)

@@ -139,8 +139,13 @@ def _bucket(length: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, length))))
 
 
+USER_TOWERS = ("fp32", "bf16")
+
+
 class Predictor:
-    """An exported model in memory, answering recommendation, similar-item and item look-ups."""
+    """An exported model in memory, answering recommendation, similar-item and item look-ups. The item
+    matrix is computed in fp32; `user_tower="bf16"` encodes histories under bfloat16 autocast (matrix
+    products in bf16, norms and softmax in fp32)."""
 
     def __init__(
         self,
@@ -151,6 +156,7 @@ class Predictor:
         metrics: dict[str, Any],
         source: str,
         explain_items: int = 3,
+        user_tower: str = "fp32",
     ) -> None:
         self.model = model.eval()
         self.source = source
@@ -191,11 +197,16 @@ class Predictor:
         self.item_unit = torch.nn.functional.normalize(matrix, dim=-1)  # [num_items + 1, d]
         # Unit item text vectors for `diversity`, [num_items + 1, text_dim]; None for a model without text.
         self.text_unit = unit_rows(model.items.text_embeddings) if model.config.uses_text else None
+        if user_tower not in USER_TOWERS:
+            raise ValueError(f"user_tower={user_tower!r} is not one of {', '.join(USER_TOWERS)}")
+        self.user_tower = user_tower
 
     # ---------------------------------------------------------------- loading
 
     @classmethod
-    def load(cls, uri: str, cache_dir: str | None = None, explain_items: int = 3) -> Predictor:
+    def load(
+        cls, uri: str, cache_dir: str | None = None, explain_items: int = 3, user_tower: str = "fp32"
+    ) -> Predictor:
         """Load an exported model from a local path, `file://` or `s3://` URI (downloaded first)."""
         loc = check_model_folder(uri)
         if loc.is_s3 and cache_dir is None:
@@ -213,7 +224,16 @@ class Predictor:
         info = storage.read_json(storage.resolve(str(local / exported.INFO_FILE)))
         metrics_path = local / exported.METRICS_FILE
         metrics = storage.read_json(storage.resolve(str(metrics_path))) if metrics_path.is_file() else {}
-        return cls(model, items, histories, info, metrics, source=loc.uri, explain_items=explain_items)
+        return cls(
+            model,
+            items,
+            histories,
+            info,
+            metrics,
+            source=loc.uri,
+            explain_items=explain_items,
+            user_tower=user_tower,
+        )
 
     # ---------------------------------------------------------------- requests
 
@@ -280,10 +300,15 @@ class Predictor:
         return [responses[n] for n in range(len(prepared))]
 
     @torch.no_grad()
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Left-padded histories [B, L] -> fp32 user vectors [B, d], in the user tower's precision."""
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.user_tower == "bf16"):
+            return self.model.encode_users(input_ids, attention_mask).float()
+
     def _rank(self, batch: list[PreparedRequest]) -> list[RecommendResponse]:
         """One forward pass for the batch, then `rec_train.ranking`'s top-k with each request's knobs."""
         input_ids, attention_mask = pad_left([p.history for p in batch], self.max_seq_len)  # [B, L]
-        users = self.model.encode_users(input_ids, attention_mask).float()  # [B, d]
+        users = self.encode(input_ids, attention_mask)  # [B, d]
         width = max(len(p.excluded) for p in batch)
         exclude = torch.tensor(
             [p.excluded + [0] * (width - len(p.excluded)) for p in batch], dtype=torch.long
@@ -384,6 +409,7 @@ class Predictor:
             "num_items": self.num_items,
             "num_users": len(self.histories),
             "max_seq_len": self.max_seq_len,
+            "user_tower": self.user_tower,
             "metrics": self.metrics,
             "rerank": {"popularity_penalty": True, "diversity": self.text_unit is not None},
         }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -54,6 +54,11 @@ class ServeArgs(StrictModel):
     )
     max_body_bytes: int = Field(65536, ge=1024, description="larger request bodies get 413")
     explain_items: int = Field(3, ge=1, le=20, description="history items named in 'because'")
+    user_tower: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="precision histories are encoded in: fp32 as trained, or bf16 autocast (faster on CPUs with "
+        "AVX512-BF16 or AMX); the item matrix stays fp32",
+    )
 
     def batch(self) -> BatchArgs:
         return BatchArgs(max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s)
@@ -171,6 +176,7 @@ class ModelBody(BaseModel):
     num_items: int
     num_users: int
     max_seq_len: int
+    user_tower: str = Field(description="precision histories are encoded in (fp32 or bf16)")
     metrics: dict[str, Any]
     rerank: RerankSupport
     serving: ServingStats

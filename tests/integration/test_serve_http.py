@@ -1,7 +1,8 @@
 """The HTTP API over real HTTP against `serve.run` on a local Ray: answers, batching, every 4xx, fuzzing.
 
 One Serve instance for the module: the `rayrec` app (2 replicas) at `/` and a key-protected copy
-(1 replica) at `/secured`, both serving a tiny model that reads item text (so every knob is served).
+(1 replica, its user tower in bf16) at `/secured`, both serving a tiny model that reads item text (so
+every knob is served).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def server(ray_shared: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         args = {"model": str(folder), "replicas": 2, "batch_wait_timeout_s": 0.05, "max_body_bytes": 65536}
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
         serve.run(
-            build_app({"model": str(folder), "api_key_env": KEY_ENV}), name="secured", route_prefix="/secured"
+            build_app({"model": str(folder), "api_key_env": KEY_ENV, "user_tower": "bf16"}),
+            name="secured",
+            route_prefix="/secured",
         )
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url, timeout=60) as client:
@@ -248,6 +251,8 @@ def test_api_key_is_required_where_configured(server: Server) -> None:
     assert wrong.status_code == 401 and "X-API-Key" in wrong.json()["error"]
     right = c.post("/secured/v1/recommend", json=body, headers={"X-API-Key": KEY})
     assert right.status_code == 200 and len(right.json()["items"]) == 3
+    model = c.get("/secured/v1/model", headers={"X-API-Key": KEY}).json()
+    assert model["user_tower"] == "bf16" and c.get("/v1/model").json()["user_tower"] == "fp32"
     assert c.get("/secured/healthz").status_code == 200  # probes need no key
     assert c.post("/v1/recommend", json=body).status_code == 200  # the open app stays open
     for page in ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"):  # the API's description too

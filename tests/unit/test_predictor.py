@@ -161,3 +161,19 @@ def test_refuses_pickle_weights_and_incomplete_folders(folder: Path, tmp_path: P
         Predictor.load(str(partial))
     with pytest.raises(ModelFolderError, match="no such model folder"):
         Predictor.load(str(tmp_path / "absent"))
+
+
+def test_a_bf16_user_tower_ranks_as_fp32_does_up_to_rounding(folder: Path, predictor: Predictor) -> None:
+    bf16 = Predictor.load(str(folder), user_tower="bf16")
+    assert bf16.describe()["user_tower"] == "bf16" and predictor.describe()["user_tower"] == "fp32"
+    users = [f"u{u}" for u in range(1, 50)]
+    input_ids, mask = pad_left([predictor.histories[u] for u in users], predictor.max_seq_len)
+    exact, rounded = predictor.encode(input_ids, mask), bf16.encode(input_ids, mask)  # [B, d] each
+    assert rounded.dtype == torch.float32 and not torch.equal(exact, rounded)  # computed in bf16
+    assert torch.allclose(exact, rounded, atol=0.05, rtol=0.05)
+    requests = [RecommendRequest(user_id=u, k=10) for u in users]
+    pairs = zip(predictor.recommend_batch(requests), bf16.recommend_batch(requests), strict=True)
+    overlap = [len(set(ids(a)) & set(ids(b))) / 10 for a, b in pairs]
+    assert sum(overlap) / len(overlap) >= 0.9, overlap
+    with pytest.raises(ValueError, match="user_tower='int4' is not one of fp32, bf16"):
+        Predictor.load(str(folder), user_tower="int4")

@@ -40,6 +40,8 @@ def test_serve_args_errors_name_the_key() -> None:
         validate(ServeArgs, {"model": "/m", "autoscaling": {"min_replicas": 3, "max_replicas": 1}})
     with pytest.raises(ConfigError, match="model: Field required"):
         validate(ServeArgs, {})
+    with pytest.raises(ConfigError, match="user_tower: Input should be 'fp32' or 'bf16'"):
+        validate(ServeArgs, {"model": "/m", "user_tower": "int8"})
     # `serve run rec_serve.app:build_app model=/m replicas=2` passes strings
     assert validate(ServeArgs, {"model": "/m", "replicas": "2"}).replicas == 2
 
@@ -60,3 +62,18 @@ def test_recommend_body_rules() -> None:
     ):
         with pytest.raises(ValidationError):
             RecommendBody.model_validate(bad)
+
+
+def test_deploy_flags_become_serve_args() -> None:
+    import argparse
+
+    from rec_serve.cli import add_deploy_arguments, serve_args
+
+    parser = argparse.ArgumentParser()
+    add_deploy_arguments(parser)
+    args = validate(
+        ServeArgs,
+        serve_args(parser.parse_args(["--model", "/m", "--user-tower", "bf16", "--autoscale", "1:3"])),
+    )
+    assert args.user_tower == "bf16" and args.autoscaling is not None and args.autoscaling.max_replicas == 3
+    assert validate(ServeArgs, serve_args(parser.parse_args(["--model", "/m"]))).user_tower == "fp32"
