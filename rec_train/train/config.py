@@ -73,6 +73,11 @@ class ModelSection(StrictModel):
         "Qwen2, GPT-2 or BERT family, safetensors weights); its layers, heads and widths replace the size's, and "
         "item vectors (hidden_size) are projected into its width and back; a new run only (not with --init-from)",
     )
+    backbone_weights: bool = Field(
+        True,
+        description="false: the backbone's architecture with random weights, the baseline that shows what its "
+        "pretrained weights bring",
+    )
     overrides: dict[str, Any] = Field(
         default_factory=dict,
         validate_default=True,  # the size and backbone together are checked even without overrides
@@ -108,6 +113,14 @@ class ModelSection(StrictModel):
             data = info.data
             model_config(data["size"], data.get("backbone"), data.get("max_seq_len"), overrides)
         return overrides
+
+    @model_validator(mode="after")
+    def _check_backbone_weights(self) -> ModelSection:
+        if not self.backbone_weights and self.backbone is None:
+            raise ValueError(
+                "model.backbone_weights=false needs a model.backbone (whose architecture to build)"
+            )
+        return self
 
 
 def model_config(

@@ -73,7 +73,7 @@ def build_model(
     if init_from is None:
         model_config = fresh_model_config(config, num_items, max_seq_len)
         model = RecModel(model_config)
-        if config.model.backbone is not None:
+        if config.model.backbone is not None and config.model.backbone_weights:
             load_backbone(model, config.model.backbone)
         if model_config.uses_text:
             model.set_item_text_embeddings(read_text_embeddings(config.data.path))

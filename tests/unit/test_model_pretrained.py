@@ -238,3 +238,20 @@ def test_a_rating_head_on_a_bidirectional_model_fails_before_ray_starts(tmp_path
     ):
         launch(config, init_from=str(tmp_path / "bert-model"), show_progress=False)
     assert not ray.is_initialized()
+
+
+def test_the_backbone_architecture_with_random_weights(tiny_llama: Path) -> None:
+    """`model.backbone_weights=false`: the checkpoint's architecture, not its weights (the baseline)."""
+    config = load_config(
+        TrainConfig,
+        None,
+        ["data.path=unused", f"model.backbone={tiny_llama}", "model.backbone_weights=false"],
+    )
+    model = build_model(config, num_items=30, max_seq_len=None, items=pa.table({}), init_from=None)
+    source = LlamaForCausalLM.from_pretrained(tiny_llama)
+    assert (model.config.backbone_hidden_size, model.config.num_key_value_heads) == (32, 2)
+    assert not torch.equal(
+        model.encoder.layers[0].self_attn.q_proj.weight, source.model.layers[0].self_attn.q_proj.weight
+    )
+    with pytest.raises(ConfigError, match="model.backbone_weights=false needs a model.backbone"):
+        load_config(TrainConfig, None, ["data.path=unused", "model.backbone_weights=false"])
