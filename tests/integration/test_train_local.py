@@ -15,7 +15,7 @@ import pytest
 import ray
 import torch
 from tiny_data import write_dataset
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rec_train.config import load_config
 from rec_train.data.dataset import read_sequences
@@ -82,33 +82,46 @@ def test_two_workers_train_checkpoint_and_export_what_they_reported(
     assert figures["test_ndcg@10"] == result["test_ndcg@10"]
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_a_run_starts_from_a_pretrained_backbone(
-    ray_shared: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ray_shared: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: str
 ) -> None:
-    """`model.backbone`: both workers start the encoder from the checkpoint (ZeRO-2); with a vanishing learning
-    rate the exported encoder is still the checkpoint's. The data, runs and backbone are given as paths
-    relative to the command's directory (the workers run in another one)."""
+    """`model.backbone`: both workers start the encoder from the checkpoint (ZeRO-2; a Llama, and a GPT-2 with
+    its learned positions); with a vanishing learning rate the exported encoder is still the checkpoint's.
+    The data, runs and backbone are given as paths relative to the command's directory (the workers run in
+    another one)."""
     torch.manual_seed(0)
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=16, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64,
-        )
-    ).save_pretrained(tmp_path / "llama")  # fmt: skip
+    if family == "llama":
+        lm = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=16, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64,
+            )
+        )  # fmt: skip
+    else:
+        lm = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    lm.save_pretrained(tmp_path / family)
     data = write_dataset(tmp_path / "data", items=60, step=1, seed=0, users=64)
     monkeypatch.chdir(tmp_path)
     config = load_config(
         TrainConfig, None,
         [f"data.path={data.name}", "run.storage=runs", "run.name=backbone", "model.size=tiny",
-         "model.backbone=llama", "optim.lr=1e-12", "optim.warmup_ratio=0.0", "train.epochs=1",
+         f"model.backbone={family}", "optim.lr=1e-12", "optim.warmup_ratio=0.0", "train.epochs=1",
          "train.batch_size=32", "eval.ks=[10]", "deepspeed.zero_stage=2", "scaling.num_workers=2"],
     )  # fmt: skip
     result = launch(config, show_progress=False)
     export(result["checkpoint"], str(tmp_path / "model"), evaluate=False)
 
     model = RecModel.from_pretrained(str(tmp_path / "model"))
-    source = LlamaForCausalLM.from_pretrained(tmp_path / "llama").model.state_dict()
-    assert model.config.backbone_source == str(tmp_path / "llama") and model.config.backbone_hidden_size == 32
+    assert model.config.backbone_source == str(tmp_path / family) and model.config.backbone_hidden_size == 32
+    assert model.config.encoder == family
+    if family == "llama":
+        source = LlamaForCausalLM.from_pretrained(tmp_path / family).model.state_dict()
+    else:  # GPT-2's blocks are h.N, its positions wpe
+        gpt2 = GPT2LMHeadModel.from_pretrained(tmp_path / family).transformer.state_dict()
+        source = {re.sub(r"^h\.", "layers.", k): v for k, v in gpt2.items()}
+        positions = model.encoder.position_embeddings.weight
+        torch.testing.assert_close(positions, gpt2["wpe.weight"][: positions.shape[0]], atol=1e-6, rtol=0)
     for name, value in model.encoder.state_dict().items():
         if name.startswith("layers."):
             torch.testing.assert_close(value, source[name], atol=1e-6, rtol=0)
