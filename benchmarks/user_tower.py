@@ -23,7 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from rec_serve.predictor import USER_TOWERS, Predictor, RecommendRequest  # noqa: E402
+from rec_serve.predictor import Predictor, RecommendRequest  # noqa: E402
+from rec_serve.schemas import USER_TOWERS  # noqa: E402
 from rec_train.data.collate import pad_left  # noqa: E402
 
 

@@ -15,6 +15,7 @@ import sys
 import time
 from types import FrameType
 
+from rec_serve.schemas import USER_TOWERS
 from rec_train.config import ConfigError, validate
 from rec_train.errors import RayrecError
 from rec_train.ray_session import init_ray
@@ -35,7 +36,7 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
     parser.add_argument(
-        "--user-tower", choices=["fp32", "bf16"], default="fp32",
+        "--user-tower", choices=USER_TOWERS, default="fp32",
         help="precision histories are encoded in (the item matrix stays fp32)",
     )  # fmt: skip
     parser.add_argument(

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from rec_serve.schemas import MAX_POPULARITY_PENALTY
+from rec_serve.schemas import MAX_POPULARITY_PENALTY, USER_TOWERS
 from rec_train import exported, storage
 from rec_train.data.collate import pad_left
 from rec_train.errors import RayrecError
@@ -139,9 +139,6 @@ def _bucket(length: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, length))))
 
 
-USER_TOWERS = ("fp32", "bf16")
-
-
 class Predictor:
     """An exported model in memory, answering recommendation, similar-item and item look-ups. The item
     matrix is computed in fp32; `user_tower="bf16"` encodes histories under bfloat16 autocast (matrix
@@ -158,6 +155,9 @@ class Predictor:
         explain_items: int = 3,
         user_tower: str = "fp32",
     ) -> None:
+        if user_tower not in USER_TOWERS:
+            raise ValueError(f"user_tower={user_tower!r} is not one of {', '.join(USER_TOWERS)}")
+        self.user_tower = user_tower
         self.model = model.eval()
         self.source = source
         self.info = info
@@ -197,9 +197,6 @@ class Predictor:
         self.item_unit = torch.nn.functional.normalize(matrix, dim=-1)  # [num_items + 1, d]
         # Unit item text vectors for `diversity`, [num_items + 1, text_dim]; None for a model without text.
         self.text_unit = unit_rows(model.items.text_embeddings) if model.config.uses_text else None
-        if user_tower not in USER_TOWERS:
-            raise ValueError(f"user_tower={user_tower!r} is not one of {', '.join(USER_TOWERS)}")
-        self.user_tower = user_tower
 
     # ---------------------------------------------------------------- loading
 
@@ -302,9 +299,10 @@ class Predictor:
     @torch.no_grad()
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Left-padded histories [B, L] -> fp32 user vectors [B, d], in the user tower's precision."""
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.user_tower == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.user_tower == "bf16"):
             return self.model.encode_users(input_ids, attention_mask).float()
 
+    @torch.no_grad()
     def _rank(self, batch: list[PreparedRequest]) -> list[RecommendResponse]:
         """One forward pass for the batch, then `rec_train.ranking`'s top-k with each request's knobs."""
         input_ids, attention_mask = pad_left([p.history for p in batch], self.max_seq_len)  # [B, L]

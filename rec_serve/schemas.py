@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -39,6 +39,10 @@ class BatchArgs(StrictModel):
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
 
 
+UserTower = Literal["fp32", "bf16"]
+USER_TOWERS: tuple[str, ...] = get_args(UserTower)  # the precisions histories can be encoded in
+
+
 class ServeArgs(StrictModel):
     """Arguments of `build_app`: `serve run rec_serve.app:build_app model=URI replicas=2`."""
 
@@ -54,7 +58,7 @@ class ServeArgs(StrictModel):
     )
     max_body_bytes: int = Field(65536, ge=1024, description="larger request bodies get 413")
     explain_items: int = Field(3, ge=1, le=20, description="history items named in 'because'")
-    user_tower: Literal["fp32", "bf16"] = Field(
+    user_tower: UserTower = Field(
         "fp32",
         description="precision histories are encoded in: fp32 as trained, or bf16 autocast (faster on CPUs with "
         "AVX512-BF16 or AMX); the item matrix stays fp32",

@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 
 ENCODERS = ("llama", "qwen2", "gpt2", "bert", "sasrec", "hstu")
 CAUSAL_ENCODERS = ("llama", "qwen2", "gpt2", "sasrec", "hstu")
+ROTARY_ENCODERS = ("llama", "qwen2")  # rotary positions: any history length
 ITEM_REPRESENTATIONS = ("id", "text", "id+text")
 FUSIONS = ("sum", "concat", "gate")
 OBJECTIVES = ("next_item", "masked_item")

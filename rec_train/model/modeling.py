@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from rec_train.model.configuration import CAUSAL_ENCODERS, POINTWISE_HEADS, RecConfig
+from rec_train.model.configuration import CAUSAL_ENCODERS, POINTWISE_HEADS, ROTARY_ENCODERS, RecConfig
 from rec_train.model.encoders import build_encoder
 from rec_train.ranking import candidate_scores
 
@@ -129,7 +129,7 @@ class RecModel(RecPreTrainedModel):
     def _encode(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Item vectors x [B, L, d] + mask [B, L] -> hidden states [B, L, d]."""
         limit = self.config.max_seq_len + (0 if self.config.is_causal else 1)
-        if x.shape[1] > limit and self.config.encoder not in ("llama", "qwen2"):  # rotary: any length
+        if x.shape[1] > limit and self.config.encoder not in ROTARY_ENCODERS:
             raise ValueError(
                 f"sequence length {x.shape[1]} exceeds model.max_seq_len={self.config.max_seq_len}; "
                 "keep the most recent items (rec_train.data.collate.pad_left)"

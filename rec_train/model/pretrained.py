@@ -17,7 +17,7 @@ import torch
 
 from rec_train import storage
 from rec_train.config import ConfigError
-from rec_train.model.configuration import RecConfig
+from rec_train.model.configuration import ROTARY_ENCODERS, RecConfig
 from rec_train.model.modeling import RecModel
 from rec_train.model.sizes import build_config
 
@@ -71,7 +71,7 @@ def _architecture(hf: Any) -> dict[str, Any]:
         num_hidden_layers=hf.num_hidden_layers,
         num_attention_heads=hf.num_attention_heads,
     )
-    if hf.model_type in ("llama", "qwen2"):
+    if hf.model_type in ROTARY_ENCODERS:
         return dict(
             shared,
             encoder=hf.model_type,
@@ -112,7 +112,7 @@ def config_from_backbone(path_or_uri: str, size: str = "tiny", **overrides: Any)
                 "free)"
             )
     config = build_config(size, **{**arch, "backbone_source": path_or_uri, **overrides})
-    if config.encoder in ("bert", "gpt2") and config.max_seq_len + 1 > hf.max_position_embeddings:
+    if config.encoder not in ROTARY_ENCODERS and config.max_seq_len + 1 > hf.max_position_embeddings:
         raise ConfigError(
             f"model.max_seq_len={config.max_seq_len} needs {config.max_seq_len + 1} positions; "
             f"backbone {path_or_uri!r} has {hf.max_position_embeddings}"
@@ -122,7 +122,7 @@ def config_from_backbone(path_or_uri: str, size: str = "tiny", **overrides: Any)
 
 def _rename(key: str, encoder: str) -> str | None:
     """Checkpoint key -> key under `RecModel.encoder`, or None when the key is not used."""
-    if encoder in ("llama", "qwen2"):
+    if encoder in ROTARY_ENCODERS:  # Llama and Qwen2 name their blocks as the encoder does
         return key if key.startswith(("layers.", "norm.")) else None
     if encoder == "gpt2":
         if match := re.match(r"h\.(\d+)\.(.+)", key):
