@@ -196,7 +196,7 @@ class Predictor:
         self.item_matrix = matrix
         self.item_unit = torch.nn.functional.normalize(matrix, dim=-1)  # [num_items + 1, d]
         # Unit item text vectors for `diversity`, [num_items + 1, text_dim]; None for a model without text.
-        self.text_unit = unit_rows(model.items.text_embeddings) if model.config.uses_text else None
+        self.text_unit = unit_rows(model.items.text_table()) if model.config.uses_text else None
 
     # ---------------------------------------------------------------- loading
 

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("rec_train.train.launch", "fine-tune a pre-trained model on Ray Train + DeepSpeed"),
     "evaluate": ("rec_train.train.evaluate", "full-ranking HR/NDCG/MRR of a checkpoint or exported model"),
     "export": ("rec_train.train.export", "consolidate a checkpoint into a servable model folder"),
+    "add-items": ("rec_train.add_items", "new items -> a new model version that serves them from their text"),
     "plot": ("rec_train.train.plot", "draw a run's loss and NDCG curves to a PNG"),
     "demo": ("rec_train.demo", "the whole path on a local Ray: data, training, export, serving"),
 }

@@ -7,6 +7,7 @@ marks a folder as one. `rec-train export` and the synthetic models of tests and 
     histories.parquet                user_id, items: every known user's history
     rayrec.json                      model_version, config, dataset manifest, checkpoint, ...
     metrics.json                     validation / test figures of exactly these weights
+    item_tokenizer/                  a model with an LM item tower: its tokenizer (`rec-train add-items`)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ITEMS_FILE = "items.parquet"
 HISTORIES_FILE = "histories.parquet"
 INFO_FILE = "rayrec.json"
 METRICS_FILE = "metrics.json"
+TOKENIZER_DIR = "item_tokenizer"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, ITEMS_FILE, HISTORIES_FILE, INFO_FILE)
 PICKLE_WEIGHTS = ("pytorch_model.bin", "model.bin", "pytorch_model.bin.index.json")  # never loaded
 
@@ -47,7 +49,8 @@ def write_model_folder(
 ) -> dict[str, Any]:
     """Write every file of the folder into the local `folder`; returns `info` as written. `model` is a
     `RecModel` (saved with `save_pretrained`, safetensors); without `info["model_version"]` the version is
-    the UTC time and the weights' SHA-256, so the same weights exported twice differ only in time."""
+    the UTC time and the weights' SHA-256, so the same weights exported twice differ only in time. (A model
+    with an item tower also needs its tokenizer in `TOKENIZER_DIR`: `item_tower.save_tokenizer`.)"""
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), safe_serialization=True)
     if not info.get("model_version"):

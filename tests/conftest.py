@@ -75,3 +75,50 @@ def s3_bucket(s3_env: dict[str, str]) -> str:
     name = f"rayrec-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL_S3"]).create_bucket(Bucket=name)
     return name
+
+
+# A tiny BERT vocabulary and item texts it covers, for item text encoders and LM item towers.
+WORDS = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "toy",
+    "story",
+    "the",
+    "matrix",
+    "heat",
+    "(",
+    ")",
+    "1995",
+    "1999",
+    "animation",
+    "comedy",
+    "action",
+    "thriller",
+    ".",
+    ",",
+]
+TEXTS = ["Toy Story (1995). Animation, Comedy", "The Matrix (1999). Action, Thriller", "Heat (1995). Action"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer BERT and its tokenizer (built from a vocab file), saved as save_pretrained does."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    BertTokenizer(vocab={word: i for i, word in enumerate(WORDS)}, do_lower_case=True).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(WORDS),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder)
+    return folder

@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rec_train import storage
-from rec_train.data.config import PrepareConfig
+from rec_train.data.config import CsvOptions, ItemColumns, PrepareConfig
 from rec_train.errors import DataError
 
 EVENT_SCHEMA = pa.schema(
@@ -447,14 +447,22 @@ def _read_table(
 def read_item_table(config: PrepareConfig) -> pa.Table:
     """The item table named by `config.items` -> `item_id`, `title`, `text` (one row per item)."""
     assert config.items is not None
-    try:
-        loc = storage.resolve(config.items)
-        if not storage.is_file(loc):
-            raise DataError(f"items file {config.items} does not exist; check the path (--items)")
-    except storage.StorageError as exc:
-        raise DataError(f"cannot read items file {config.items}: {exc}") from exc
-    is_csv = posixpath.basename(loc.path).lower().removesuffix(".gz").endswith(".csv")
+    is_csv = posixpath.basename(config.items).lower().removesuffix(".gz").endswith(".csv")
     movielens = config.format == "movielens" or (config.format == "sequences" and not is_csv)
+    return read_item_file(config.items, config.item_columns, config.csv, config.ids_are_integers, movielens)
+
+
+def read_item_file(
+    uri: str, cols: ItemColumns, csv: CsvOptions, integer_ids: bool, movielens: bool = False
+) -> pa.Table:
+    """An item file (parquet, CSV, or with `movielens` movies.dat / u.item / movies.csv) -> `item_id`,
+    `title`, `text` (one row per item): its id, title and text columns named by `cols`."""
+    try:
+        loc = storage.resolve(uri)
+        if not storage.is_file(loc):
+            raise DataError(f"items file {uri} does not exist; check the path (--items)")
+    except storage.StorageError as exc:
+        raise DataError(f"cannot read items file {uri}: {exc}") from exc
     if movielens and not loc.path.endswith(".parquet"):  # movies.dat, u.item, movies.csv
         ids, titles, genres = _movielens_items(loc)
         raw_ids: pa.Array = pa.array(ids, pa.string())
@@ -462,8 +470,7 @@ def read_item_table(config: PrepareConfig) -> pa.Table:
         text_col = pa.array([_item_text(t, g) for t, g in zip(titles, genres, strict=True)], pa.string())
         id_name = "movieId"
     else:
-        cols = config.item_columns
-        table = _read_table(loc, config.csv.delimiter, config.csv.header, (cols.item,))
+        table = _read_table(loc, csv.delimiter, csv.header, (cols.item,))
         wanted = {"item": cols.item, "title": cols.title} | {f"text[{i}]": c for i, c in enumerate(cols.text)}
         _check_columns(loc.uri, table.column_names, wanted, "item_columns")
         raw_ids = table[cols.item].combine_chunks()
@@ -479,7 +486,7 @@ def read_item_table(config: PrepareConfig) -> pa.Table:
         )
         text_col = pa.array(texts if texts is not None else [None] * len(table), pa.string())
     problems = Problems(loc.uri)
-    ids = canonical_ids(raw_ids, id_name, config.ids_are_integers, problems, np.arange(1, len(raw_ids) + 1))
+    ids = canonical_ids(raw_ids, id_name, integer_ids, problems, np.arange(1, len(raw_ids) + 1))
     problems.raise_if_any("row")
     items = pa.Table.from_arrays([ids, title_col, text_col], schema=ITEM_SCHEMA)
     counts = pc.value_counts(items["item_id"]).flatten()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 from transformers import PretrainedConfig
@@ -36,6 +37,11 @@ class RecConfig(PretrainedConfig):
     item_representation: str = "id"
     fusion: str = "sum"
     text_dim: int = 0
+    # the LM item tower (item_tower.py): the item LM's Hugging Face config, set from model.item_tower
+    item_tower: dict[str, Any] | None = None
+    item_tower_source: str | None = None
+    item_text_max_length: int = 32  # tokens kept per item text
+    item_tower_batch_size: int = 256  # items per LM forward pass when the whole item table is computed
     # sequence encoder
     encoder: str = "llama"
     backbone_hidden_size: int | None = None
@@ -108,6 +114,8 @@ class RecConfig(PretrainedConfig):
             "max_seq_len",
             "intermediate_size",
             "num_negatives",
+            "item_text_max_length",
+            "item_tower_batch_size",
         ):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
@@ -116,6 +124,8 @@ class RecConfig(PretrainedConfig):
                 f"model.item_representation={self.item_representation!r} needs model.text_dim (the width of "
                 "item_text_embeddings.safetensors, e.g. 384 for all-MiniLM-L6-v2); run `rec-train embed-items` first"
             )
+        if self.item_tower is not None:
+            self.check_item_tower()
         width = self.backbone_width
         if width % self.num_attention_heads:
             raise ValueError(
@@ -144,6 +154,20 @@ class RecConfig(PretrainedConfig):
             raise ValueError(f"model.temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.mask_prob < 1.0:
             raise ValueError(f"model.mask_prob must be in [0, 1), got {self.mask_prob}")
+
+    def check_item_tower(self) -> None:
+        """The LM item tower runs on the items a batch needs, so the loss must not need every item's vector."""
+        if not self.uses_text:
+            raise ValueError(
+                f"model.item_tower computes text vectors, but model.item_representation="
+                f"{self.item_representation!r} uses none: set it to 'text' or 'id+text'"
+            )
+        if self.loss != "sampled_softmax" or self.negatives_per != "batch":
+            raise ValueError(
+                "model.item_tower needs model.loss='sampled_softmax' and model.negatives_per='batch' (got "
+                f"loss={self.loss!r}, negatives_per={self.negatives_per!r}): the full softmax and per-position "
+                "negatives would run the item language model over the whole catalogue at every step"
+            )
 
     @property
     def uses_ids(self) -> bool:

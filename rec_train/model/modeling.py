@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput
 
 from rec_train.model.configuration import CAUSAL_ENCODERS, POINTWISE_HEADS, ROTARY_ENCODERS, RecConfig
 from rec_train.model.encoders import build_encoder
+from rec_train.model.item_tower import ItemTower
 from rec_train.ranking import candidate_scores
 
 
@@ -32,7 +33,8 @@ class RecOutput(ModelOutput):
 
 
 class ItemEncoder(nn.Module):
-    """Item index -> d-vector from an ID table and/or a projection of frozen item-text embeddings."""
+    """Item index -> d-vector from an ID table and/or a projection of item text vectors: fixed ones
+    (`text_embeddings`, from `rec-train embed-items`) or those of a trainable LM item tower (`tower`)."""
 
     def __init__(self, config: RecConfig) -> None:
         super().__init__()
@@ -45,11 +47,27 @@ class ItemEncoder(nn.Module):
             if config.uses_ids and config.uses_text and config.fusion != "sum"
             else None
         )
-        if config.uses_text:
+        self.tower = ItemTower(config) if config.item_tower is not None else None
+        if config.uses_text and self.tower is None:
             # [num_items + 1, text_dim], row 0 zeros: data, not trained, saved with the model.
             self.register_buffer("text_embeddings", torch.zeros(rows, config.text_dim))
         else:
             self.text_embeddings = None
+
+    @property
+    def rows(self) -> int:
+        """num_items + 1"""
+        if self.id_embeddings is not None:
+            return self.id_embeddings.num_embeddings
+        return (self.tower.token_counts if self.tower is not None else self.text_embeddings).shape[0]
+
+    def text_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [...] -> the items' text vectors [..., text_dim] (before the projection)."""
+        return self.tower(ids) if self.tower is not None else self.text_embeddings[ids]
+
+    def text_table(self) -> torch.Tensor:
+        """[num_items + 1, text_dim]: every item's text vector (the tower's in batches)."""
+        return self.tower.table() if self.tower is not None else self.text_embeddings
 
     def combine(self, id_vec: torch.Tensor | None, text_vec: torch.Tensor | None) -> torch.Tensor:
         if text_vec is None:
@@ -67,18 +85,20 @@ class ItemEncoder(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [...] -> [..., d]"""
         id_vec = self.id_embeddings(ids) if self.id_embeddings is not None else None
-        text_vec = self.text_proj(self.text_embeddings[ids]) if self.text_proj is not None else None
+        text_vec = self.text_proj(self.text_vectors(ids)) if self.text_proj is not None else None
         return self.combine(id_vec, text_vec)
 
     def table(self) -> torch.Tensor:
-        """All items, [num_items + 1, d] (row 0 is padding). Goes through the submodules' forward."""
-        rows = (
-            self.text_embeddings.shape[0] if self.id_embeddings is None else self.id_embeddings.num_embeddings
-        )
+        """All items, [num_items + 1, d] (row 0 is padding). Goes through the submodules' forward; the
+        tower's text vectors come from its batched table, never from one forward pass over every item."""
         device = (
-            self.text_embeddings.device if self.id_embeddings is None else self.id_embeddings.weight.device
+            self.text_proj.weight.device if self.text_proj is not None else self.id_embeddings.weight.device
         )
-        return self(torch.arange(rows, device=device))
+        ids = torch.arange(self.rows, device=device)
+        if self.tower is None:
+            return self(ids)
+        id_vec = self.id_embeddings(ids) if self.id_embeddings is not None else None
+        return self.combine(id_vec, self.text_proj(self.tower.table()))
 
 
 class PointwiseHead(nn.Module):
@@ -396,12 +416,26 @@ class RecModel(RecPreTrainedModel):
                 f"model.item_representation={self.config.item_representation!r} uses no text; "
                 "set it to 'text' or 'id+text'"
             )
+        if self.items.tower is not None:
+            raise ValueError("this model computes item text vectors with its item tower: use set_item_tokens")
         if tuple(embeddings.shape) != expected:
             raise ValueError(
                 f"item text embeddings have shape {tuple(embeddings.shape)}, the model needs {expected} "
                 "(num_items + 1, text_dim): embed the same prepared dataset the model was built for"
             )
         self.items.text_embeddings.copy_(embeddings)
+
+    @torch.no_grad()
+    def set_item_tokens(self, token_ids: torch.Tensor, token_counts: torch.Tensor) -> None:
+        """The item tower's input: `tokenize_items` of the items' texts, [num_items + 1, T] and [num_items + 1]."""
+        if self.items.tower is None:
+            raise ValueError("this model has no item tower (model.item_tower); it reads no item tokens")
+        if token_ids.shape[0] != self.config.num_items + 1:
+            raise ValueError(
+                f"item tokens have {token_ids.shape[0]} rows, the model needs num_items + 1 = "
+                f"{self.config.num_items + 1}: tokenize the same prepared dataset the model was built for"
+            )
+        self.items.tower.set_tokens(token_ids, token_counts)
 
     @torch.no_grad()
     def add_pointwise_head(self, kind: str, bias: float = 0.0) -> None:
@@ -425,18 +459,38 @@ class RecModel(RecPreTrainedModel):
         self.item_counts.copy_(counts)
 
     @torch.no_grad()
-    def resize_items(self, new_num_items: int, text_embeddings: torch.Tensor | None = None) -> RecModel:
+    def resize_items(
+        self,
+        new_num_items: int,
+        text_embeddings: torch.Tensor | None = None,
+        item_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> RecModel:
         """Grow the item vocabulary to `new_num_items`, keeping every existing row exactly.
 
-        New items' text rows come from `text_embeddings` ([new_num_items + 1, text_dim]); their ID rows
-        start at zero with sum fusion (so a new item is its text projection), at the text projection with
-        concat / gate fusion, and at random without text.
+        New items' text comes from `text_embeddings` ([new_num_items + 1, text_dim]) or, for a model with
+        an item tower, from `item_tokens` (`tokenize_items` of every item, [new_num_items + 1, T] and
+        [new_num_items + 1]); their ID rows start at zero with sum fusion (so a new item is its text
+        projection), at the text projection with concat / gate fusion, and at random without text.
         """
         old = self.config.num_items
         if new_num_items < old:
             raise ValueError(f"resize_items can only grow the vocabulary: {old} -> {new_num_items}")
         items = self.items
-        if self.config.uses_text:
+        if items.tower is not None:
+            if item_tokens is None and new_num_items != old:
+                raise ValueError(
+                    "resize_items needs item_tokens (tokenize_items) for a model with an item tower"
+                )
+            if item_tokens is not None:
+                ids, counts = item_tokens
+                if ids.shape[0] != new_num_items + 1 or counts.shape[0] != new_num_items + 1:
+                    raise ValueError(
+                        f"item_tokens have {ids.shape[0]} and {counts.shape[0]} rows, expected {new_num_items + 1}"
+                    )
+                ids, counts = ids.clone(), counts.clone()
+                ids[: old + 1], counts[: old + 1] = items.tower.token_ids, items.tower.token_counts
+                items.tower.set_tokens(ids, counts)
+        elif self.config.uses_text:
             expected = (new_num_items + 1, self.config.text_dim)
             if text_embeddings is None and new_num_items != old:
                 raise ValueError(f"resize_items needs text_embeddings of shape {expected} for a text model")
@@ -459,7 +513,7 @@ class RecModel(RecPreTrainedModel):
                 elif self.config.fusion == "sum":
                     new_rows.zero_()
                 else:
-                    new_rows.copy_(items.text_proj(items.text_embeddings[old + 1 :]))
+                    new_rows.copy_(items.text_proj(items.text_table()[old + 1 :]))
             grown.weight.requires_grad_(weight.requires_grad)
             items.id_embeddings = grown
         counts = torch.zeros(new_num_items + 1, dtype=self.item_counts.dtype, device=self.item_counts.device)

@@ -1,4 +1,5 @@
-"""Parameter-efficient fine-tuning: freeze policies and LoRA (through `peft`) on attention + MLP."""
+"""Parameter-efficient fine-tuning: freeze policies and LoRA (through `peft`) on attention + MLP, of the
+sequence encoder and of the LM item tower."""
 
 from __future__ import annotations
 
@@ -61,10 +62,37 @@ def apply_freeze_policy(model: RecModel, policy: str, top_n: int = 1) -> list[st
     return trainable_parameter_names(model)
 
 
+# The blocks of an item tower's language model (a Hugging Face base model), per family.
+TOWER_BLOCKS = {"bert": r"encoder\.layer", "llama": "layers", "qwen2": "layers", "gpt2": "h"}
+
+
+def _alternatives(projections: tuple[str, ...]) -> str:
+    return "|".join(p.replace(".", r"\.") for p in projections)
+
+
 def lora_target_pattern(model: RecModel) -> str:
-    """A regex (peft matches it against full module names) for the blocks' attention + MLP projections."""
-    names = "|".join(p.replace(".", r"\.") for p in LORA_PROJECTIONS[model.config.encoder])
-    return rf"encoder\.layers\.\d+\.(?:{names})"
+    """A regex (peft matches it against full module names) for the attention + MLP projections of the
+    sequence encoder's blocks and, when the model has one, of its item tower's."""
+    pattern = rf"encoder\.layers\.\d+\.(?:{_alternatives(LORA_PROJECTIONS[model.config.encoder])})"
+    if model.items.tower is None:
+        return pattern
+    family = model.config.item_tower["model_type"]
+    tower = rf"items\.tower\.lm\.{TOWER_BLOCKS[family]}\.\d+\.(?:{_alternatives(LORA_PROJECTIONS[family])})"
+    return rf"(?:{pattern}|{tower})"
+
+
+def _conv1d_weights(model: RecModel) -> bool:
+    """True when LoRA's targets are GPT-2's Conv1D projections (weights stored transposed), which peft
+    cannot mix with Linear ones in one adapter."""
+    gpt2 = {model.config.encoder == "gpt2"}
+    if model.items.tower is not None:
+        gpt2.add(model.config.item_tower["model_type"] == "gpt2")
+    if len(gpt2) > 1:
+        raise ValueError(
+            "LoRA cannot adapt a GPT-2 sequence encoder together with a non-GPT-2 item tower (or the reverse): "
+            "GPT-2 stores its projections transposed; fine-tune with a freeze policy (finetune.lora_rank=0)"
+        )
+    return gpt2.pop()
 
 
 def apply_lora(model: RecModel, r: int = 8, alpha: int = 16, dropout: float = 0.0) -> nn.Module:
@@ -77,7 +105,7 @@ def apply_lora(model: RecModel, r: int = 8, alpha: int = 16, dropout: float = 0.
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=lora_target_pattern(model),
-        fan_in_fan_out=model.config.encoder == "gpt2",  # its Conv1D projections hold weights transposed
+        fan_in_fan_out=_conv1d_weights(model),
         modules_to_save=["pointwise"] if model.pointwise is not None else None,
     )
     return get_peft_model(model, config)

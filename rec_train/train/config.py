@@ -78,6 +78,19 @@ class ModelSection(StrictModel):
         description="false: the backbone's architecture with random weights, the baseline that shows what its "
         "pretrained weights bring",
     )
+    item_tower: str | None = Field(
+        None,
+        description="a pretrained Hugging Face language model (with its tokenizer) that computes item vectors "
+        "from item text and trains with the recommender (an LM item tower, as HLLM and RecFormer): 'minilm', "
+        "a local folder or s3://... (BERT, Llama, Qwen2 or GPT-2 family); it needs loss sampled_softmax with "
+        "negatives_per batch; a new run only (not with --init-from)",
+    )
+    item_tower_layers: int | None = Field(
+        None,
+        ge=0,
+        description="the item tower's layers that train, counted from the top (0: the language model is frozen "
+        "and only its projection trains); null: all of it",
+    )
     overrides: dict[str, Any] = Field(
         default_factory=dict,
         validate_default=True,  # the size and backbone together are checked even without overrides
@@ -98,11 +111,21 @@ class ModelSection(StrictModel):
     @classmethod
     def _check_backbone(cls, backbone: str | None) -> str | None:
         """A folder (local or S3) with a config.json of a supported architecture and safetensors weights."""
-        from rec_train.model.pretrained import read_backbone_config
+        from rec_train.model.hf_checkpoint import read_backbone_config
 
         if backbone is not None:
             read_backbone_config(backbone)
         return backbone
+
+    @field_validator("item_tower")
+    @classmethod
+    def _check_item_tower(cls, item_tower: str | None) -> str | None:
+        """A language-model folder (local or S3) as for `backbone`, with its tokenizer."""
+        from rec_train.model.item_tower import read_tower_config
+
+        if item_tower is not None:
+            read_tower_config(item_tower)
+        return item_tower
 
     @field_validator("overrides")
     @classmethod
@@ -111,7 +134,9 @@ class ModelSection(StrictModel):
         build (`RecConfig` checks every value)."""
         if "size" in info.data:  # else the size's own error says what to fix
             data = info.data
-            model_config(data["size"], data.get("backbone"), data.get("max_seq_len"), overrides)
+            model_config(
+                data["size"], data.get("backbone"), data.get("max_seq_len"), overrides, data.get("item_tower")
+            )
         return overrides
 
     @model_validator(mode="after")
@@ -120,18 +145,27 @@ class ModelSection(StrictModel):
             raise ValueError(
                 "model.backbone_weights=false needs a model.backbone (whose architecture to build)"
             )
+        if self.item_tower_layers is not None and self.item_tower is None:
+            raise ValueError("model.item_tower_layers needs a model.item_tower (whose layers to train)")
         return self
 
 
 def model_config(
-    size: str, backbone: str | None, max_seq_len: int | None, overrides: dict[str, Any], **fixed: Any
+    size: str,
+    backbone: str | None,
+    max_seq_len: int | None,
+    overrides: dict[str, Any],
+    item_tower: str | None = None,
+    **fixed: Any,
 ) -> RecConfig:
     """The `RecConfig` of a new model: the size, or the backbone checkpoint's architecture on the size, with
-    the dataset's `fixed` figures and `max_seq_len`, then the overrides."""
+    the dataset's `fixed` figures and `max_seq_len`, the item tower's keys, then the overrides."""
+    from rec_train.model.item_tower import tower_keys
     from rec_train.model.pretrained import config_from_backbone
     from rec_train.model.sizes import build_config
 
-    keys = {**fixed, **({"max_seq_len": max_seq_len} if max_seq_len else {}), **overrides}
+    tower = tower_keys(item_tower, overrides) if item_tower is not None else {}
+    keys = {**fixed, **({"max_seq_len": max_seq_len} if max_seq_len else {}), **overrides, **tower}
     return build_config(size, **keys) if backbone is None else config_from_backbone(backbone, size, **keys)
 
 

@@ -64,7 +64,7 @@ def text_vectors(model: RecModel | None, data_path: str | None) -> torch.Tensor 
     from rec_train.model.text import EMBEDDINGS_FILE, read_item_text_embeddings
 
     if model is not None and model.config.uses_text:
-        return model.items.text_embeddings.detach().float().cpu()
+        return model.items.text_table().detach().float().cpu()
     if data_path and storage.exists(storage.resolve(data_path).join(EMBEDDINGS_FILE)):
         return read_item_text_embeddings(data_path)[0].float()
     return None

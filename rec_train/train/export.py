@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from rec_train import storage
 from rec_train.errors import RayrecError
-from rec_train.exported import write_model_folder
+from rec_train.exported import TOKENIZER_DIR, write_model_folder
 from rec_train.train import checkpoint as ckpt
 
 
@@ -27,7 +27,9 @@ def export(
 ) -> dict[str, Any]:
     """Write the exported model folder; returns its `rayrec.json` figures and metrics."""
     from rec_train.data.dataset import load_manifest, read_items, read_sequences
+    from rec_train.model.item_tower import save_tokenizer
     from rec_train.train.evaluate import evaluate_model, evaluate_pointwise, text_vectors
+    from rec_train.train.model_init import tokenizer_source
 
     src = storage.resolve(checkpoint_uri)
     if not ckpt.is_checkpoint(src):
@@ -71,6 +73,11 @@ def export(
         }
         folder = Path(tmp) / "model"
         info = write_model_folder(folder, model, read_items(data_path), histories, info, metrics)
+        if model.items.tower is not None:  # its tokenizer, for `rec-train add-items`
+            source = (
+                tokenizer_source(run["init_from"]) if run.get("init_from") else model.config.item_tower_source
+            )
+            save_tokenizer(source, str(folder / TOKENIZER_DIR))
         storage.makedirs(out)
         storage.copy_dir(storage.resolve(str(folder)), out)
     figures = {"output": out.uri, "model_version": info["model_version"], "epoch": state["epoch"]}

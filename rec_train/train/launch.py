@@ -153,19 +153,24 @@ def check_pointwise_encoder(config: TrainConfig, init_from: str) -> None:
 
 
 def absolute_paths(config: TrainConfig) -> TrainConfig:
-    """The config with its local paths (data, backbone, TensorBoard folder) made absolute where the command
-    runs: Ray Train workers run in another directory. URIs and the "minilm" backbone stay as they are."""
+    """The config with its local paths (data, backbone, item tower, TensorBoard folder) made absolute where
+    the command runs: Ray Train workers run in another directory. URIs and "minilm" stay as they are."""
     from rec_train.model.text import MINILM_NAMES
 
-    backbone, run = config.model.backbone, config.run
-    if backbone is not None and backbone.lower() not in MINILM_NAMES:
-        backbone = storage.resolve(backbone).uri
+    def checkpoint(path: str | None) -> str | None:
+        return path if path is None or path.lower() in MINILM_NAMES else storage.resolve(path).uri
+
+    backbone, item_tower, run = (
+        checkpoint(config.model.backbone),
+        checkpoint(config.model.item_tower),
+        config.run,
+    )
     if run.tracking == "tensorboard" and run.tracking_uri is not None:
         run = run.model_copy(update={"tracking_uri": storage.resolve(run.tracking_uri).uri})
     return config.model_copy(
         update={
             "data": config.data.model_copy(update={"path": storage.resolve(config.data.path).uri}),
-            "model": config.model.model_copy(update={"backbone": backbone}),
+            "model": config.model.model_copy(update={"backbone": backbone, "item_tower": item_tower}),
             "run": run,
         }
     )
@@ -179,11 +184,12 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
     from rec_train.data.dataset import load_manifest, ray_dataset, read_items
     from rec_train.train.loop import train_loop_per_worker
 
-    if init_from is not None and config.model.backbone is not None:
-        raise ConfigError(
-            f"model.backbone={config.model.backbone!r} starts a new model, but --init-from {init_from} continues "
-            "one: drop one of them"
-        )
+    for key in ("backbone", "item_tower"):
+        if init_from is not None and getattr(config.model, key) is not None:
+            raise ConfigError(
+                f"model.{key}={getattr(config.model, key)!r} starts a new model, but --init-from {init_from} "
+                "continues one: drop one of them"
+            )
     config, init_from = absolute_paths(config), init_from and storage.resolve(init_from).uri
     if init_from is not None and config.task != "next_item":
         check_pointwise_encoder(config, init_from)

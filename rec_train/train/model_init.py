@@ -17,6 +17,7 @@ import torch
 from rec_train import storage
 from rec_train.errors import DataError
 from rec_train.model import RecConfig, RecModel
+from rec_train.model.item_tower import freeze_item_tower, load_item_tower, load_tokenizer, tokenize_items
 from rec_train.model.pretrained import load_backbone
 from rec_train.train.config import FinetuneSection, TrainConfig, model_config
 
@@ -50,11 +51,32 @@ def read_text_embeddings(data_path: str) -> torch.Tensor:
     return read_item_text_embeddings(data_path)[0].float()
 
 
+def item_tokens(
+    tokenizer_from: str, data_path: str, model_config: RecConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The item tower's input for every item of the dataset: (token_ids [N + 1, T], token_counts [N + 1])."""
+    from rec_train.model.text import read_item_texts
+
+    texts, _ = read_item_texts(data_path)
+    return tokenize_items(load_tokenizer(tokenizer_from), texts, model_config.item_text_max_length)
+
+
+def tokenizer_source(model_uri: str) -> str:
+    """Where the item tokenizer of an earlier model is: its exported folder's copy, else the tower's source."""
+    from rec_train.exported import TOKENIZER_DIR
+    from rec_train.train.saved_model import saved_config
+
+    loc = storage.resolve(model_uri).join(TOKENIZER_DIR)
+    return loc.uri if storage.is_dir(loc) else saved_config(model_uri)["item_tower_source"]
+
+
 def fresh_model_config(config: TrainConfig, num_items: int, max_seq_len: int | None) -> RecConfig:
     """The config of a new model: `config.model.size` (or its backbone's architecture) with the dataset's
     figures, then the overrides."""
     model = config.model
-    return model_config(model.size, model.backbone, max_seq_len, model.overrides, num_items=num_items)
+    return model_config(
+        model.size, model.backbone, max_seq_len, model.overrides, model.item_tower, num_items=num_items
+    )
 
 
 def build_model(
@@ -75,7 +97,10 @@ def build_model(
         model = RecModel(model_config)
         if config.model.backbone is not None and config.model.backbone_weights:
             load_backbone(model, config.model.backbone)
-        if model_config.uses_text:
+        if config.model.item_tower is not None:
+            load_item_tower(model.items.tower, config.model.item_tower)
+            model.set_item_tokens(*item_tokens(config.model.item_tower, config.data.path, model_config))
+        elif model_config.uses_text:
             model.set_item_text_embeddings(read_text_embeddings(config.data.path))
     else:
         from rec_train.train.saved_model import load_model
@@ -88,10 +113,15 @@ def build_model(
                 f"`vocab_from={init_from}` so the vocabulary only grows"
             )
         check_vocab(_source_items(init_from, info), items, init_from, config.data.path)
-        if num_items > old:
+        if num_items > old and model.items.tower is not None:
+            tokens = item_tokens(tokenizer_source(init_from), config.data.path, model.config)
+            model.resize_items(num_items, item_tokens=tokens)
+        elif num_items > old:
             text = read_text_embeddings(config.data.path) if model.config.uses_text else None
             model.resize_items(num_items, text)
         model.train()
+    if config.model.item_tower_layers is not None:
+        freeze_item_tower(model.items.tower, config.model.item_tower_layers)
     if config.task != "next_item" and model.config.pointwise_head != config.task:
         mean = 0.0 if target_mean is None else target_mean
         if config.task == "click":  # the head outputs a logit: start at the log-odds of a click

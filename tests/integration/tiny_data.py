@@ -18,8 +18,17 @@ SEQ_SCHEMA = pa.schema(
 )  # fmt: skip
 
 
-def write_dataset(out: Path, items: int, step: int, seed: int, users: int = 200, length: int = 12) -> Path:
-    """A prepared dataset (docs/formats.md): each user walks the items `step` at a time, 10% random jumps."""
+def write_dataset(
+    out: Path,
+    items: int,
+    step: int,
+    seed: int,
+    users: int = 200,
+    length: int = 12,
+    texts: list[str] | None = None,
+) -> Path:
+    """A prepared dataset (docs/formats.md): each user walks the items `step` at a time, 10% random jumps;
+    item i's text is `texts[i - 1]` (default "Item i")."""
     rng = random.Random(seed)
     rows = []
     for u in range(users):
@@ -42,7 +51,7 @@ def write_dataset(out: Path, items: int, step: int, seed: int, users: int = 200,
         pa.table(
             {"item_index": pa.array(ids, pa.int32()), "item_id": [f"i{i}" for i in ids],
              "count": pa.array(counts[1:], pa.int64()), "title": [f"Item {i}" for i in ids],
-             "text": [f"Item {i}" for i in ids]}
+             "text": texts or [f"Item {i}" for i in ids]}
         ),
         out / "items.parquet",
     )  # fmt: skip

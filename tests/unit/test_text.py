@@ -18,53 +18,7 @@ from rec_train.model.text import (
     TextEncoder,
     read_item_text_embeddings,
 )
-
-WORDS = [
-    "[PAD]",
-    "[UNK]",
-    "[CLS]",
-    "[SEP]",
-    "[MASK]",
-    "toy",
-    "story",
-    "the",
-    "matrix",
-    "heat",
-    "(",
-    ")",
-    "1995",
-    "1999",
-    "animation",
-    "comedy",
-    "action",
-    "thriller",
-    ".",
-    ",",
-]
-TEXTS = ["Toy Story (1995). Animation, Comedy", "The Matrix (1999). Action, Thriller", "Heat (1995). Action"]
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 1-layer BERT and its tokenizer, built from a vocab file."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab_file = folder / "vocab.txt"
-    vocab_file.write_text("\n".join(WORDS) + "\n")
-    vocab = {word: i for i, word in enumerate(vocab_file.read_text().split())}
-    BertTokenizer(vocab=vocab, do_lower_case=True).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(WORDS),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(folder)
-    return folder
+from tests.conftest import TEXTS
 
 
 def write_dataset(root: Path, texts: list[str | None], titles: list[str | None]) -> Path:
