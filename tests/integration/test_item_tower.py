@@ -5,7 +5,11 @@ the trained version to the one with the new item, which it recommends without re
 
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Iterator
+from contextlib import redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -13,6 +17,7 @@ import pytest
 import torch
 from local_cluster import free_port
 from ray import serve
+from safetensors.torch import load_file
 from tiny_data import write_dataset
 from transformers import BertModel
 
@@ -40,28 +45,41 @@ run: {name: tower, storage: runs}
 """
 
 
-def last_json(capsys: pytest.CaptureFixture) -> dict:
-    """The JSON summary a command prints last."""
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def last_json(out: pytest.CaptureFixture | io.StringIO) -> dict:
+    """The JSON summary a command printed last."""
+    text = out.getvalue() if isinstance(out, io.StringIO) else out.readouterr().out
+    return json.loads(text.strip().splitlines()[-1])
+
+
+@dataclass
+class Trained:
+    root: Path  # the command's directory: data, runs, v1 (the exported model)
+    texts: list[str]
+    result: dict  # what `rec-train pretrain` printed
+    exported: dict  # what `rec-train export` printed
+
+
+@pytest.fixture(scope="module")
+def trained(ray_shared: None, tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
+    """`rec-train pretrain` with the item tower, from the CLI, then `rec-train export` to v1."""
+    root = tmp_path_factory.mktemp("tower")
+    texts = item_texts(60)
+    write_dataset(root / "data", items=60, step=1, seed=0, users=64, texts=texts)
+    (root / "tower.yaml").write_text(CONFIG.replace("TOWER", str(tiny_bert)))
+    with pytest.MonkeyPatch.context() as mp, redirect_stdout(io.StringIO()) as out:
+        mp.chdir(root)  # relative data and run paths, as a user types them
+        assert main(["pretrain", "--config", "tower.yaml", "--no-progress"]) == 0
+        result = last_json(out)
+        assert main(["export", "--checkpoint", result["checkpoint"], "--output", "v1"]) == 0
+        yield Trained(root, texts, result, last_json(out))
 
 
 def test_an_item_tower_trains_exports_and_serves_new_items(
-    ray_shared: None,
-    tiny_bert: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture,
+    trained: Trained, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    texts = item_texts(60)
-    write_dataset(tmp_path / "data", items=60, step=1, seed=0, users=64, texts=texts)
-    (tmp_path / "tower.yaml").write_text(CONFIG.replace("TOWER", str(tiny_bert)))
-    monkeypatch.chdir(tmp_path)  # relative data and run paths, as a user types them
-    assert main(["pretrain", "--config", "tower.yaml", "--no-progress"]) == 0
-    result = last_json(capsys)
+    tmp_path, texts, result = trained.root, trained.texts, trained.result
+    monkeypatch.chdir(tmp_path)
     assert 0 < result["trainable_parameters"] < result["parameters"]
-    assert main(["export", "--checkpoint", result["checkpoint"], "--output", "v1"]) == 0
-    exported_figures = last_json(capsys)  # after DeepSpeed's own lines
-
     model = RecModel.from_pretrained(tmp_path / "v1", use_safetensors=True).eval()
     assert (
         model.config.item_tower_source == str(tiny_bert)
@@ -76,7 +94,7 @@ def test_an_item_tower_trains_exports_and_serves_new_items(
     )
     # the workers' evaluation (the tower's table under ZeRO-2) is the exported model's, scored in one process
     single = evaluate_model(model, read_sequences(str(tmp_path / "data")), "test", [10])
-    assert single["ndcg@10"] == result["test_ndcg@10"] == exported_figures["test_ndcg@10"]
+    assert single["ndcg@10"] == result["test_ndcg@10"] == trained.exported["test_ndcg@10"]
 
     (tmp_path / "new.csv").write_text(f"item_id,title\nnew-1,{texts[4]}\n")  # item 5's text
     assert main(["add-items", "--model", "v1", "--items", "new.csv", "--output", "v2"]) == 0
@@ -98,3 +116,43 @@ def test_an_item_tower_trains_exports_and_serves_new_items(
             assert similar["items"][0]["item_id"] == "i5"
     finally:
         serve.shutdown()
+
+
+@pytest.mark.e2e
+def test_lora_on_the_tower_and_the_encoder_under_zero3(
+    trained: Trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rec-train finetune` with LoRA on 2 ZeRO-3 workers: adapters on the item tower's and the encoder's
+    projections, merged at export by peft, which then scores what the workers reported."""
+    monkeypatch.chdir(trained.root)
+    (trained.root / "lora.yaml").write_text(
+        CONFIG.replace("  item_tower: TOWER\n  item_tower_layers: 1\n", "").replace(
+            "tower, storage", "lora, storage"
+        )
+        + "finetune: {lora_rank: 4, lora_alpha: 8}\n"
+    )
+    out = io.StringIO()
+    with redirect_stdout(out):
+        args = [
+            "finetune",
+            "--config",
+            "lora.yaml",
+            "--from",
+            "v1",
+            "--no-progress",
+            "deepspeed.zero_stage=3",
+        ]
+        assert main(args) == 0
+        tuned = last_json(out)
+        assert main(["export", "--checkpoint", tuned["checkpoint"], "--output", "v1-lora"]) == 0
+    assert 0 < tuned["trainable_parameters"] < tuned["parameters"] / 2
+    before = load_file(str(trained.root / "v1" / "model.safetensors"))
+    after = load_file(str(trained.root / "v1-lora" / "model.safetensors"))
+    changed = {k for k in before if not before[k].equal(after[k])}
+    assert any(k.startswith("items.tower.lm.encoder.layer.0.attention.self.") for k in changed)
+    assert any(k.startswith("encoder.layers.") for k in changed)
+    assert all(".layer." in k or ".layers." in k for k in changed), changed  # adapters merged into the blocks
+    assert set(after) == set(before) and (trained.root / "v1-lora" / exported.TOKENIZER_DIR).is_dir()
+    model = RecModel.from_pretrained(trained.root / "v1-lora", use_safetensors=True).eval()
+    single = evaluate_model(model, read_sequences(str(trained.root / "data")), "test", [10])
+    assert single["ndcg@10"] == pytest.approx(tuned["test_ndcg@10"], abs=1e-9)
