@@ -44,6 +44,15 @@ def build_app(args: dict[str, Any] | ServeArgs) -> Application:
     check_model_folder(args.model)
     # The replica gets only what it reads itself, so changing replicas or batching never restarts it.
     replica_args = args.model_dump(
-        include={"model", "api_key_env", "max_body_bytes", "explain_items", "user_tower"}
+        include={
+            "model",
+            "api_key_env",
+            "max_body_bytes",
+            "explain_items",
+            "user_tower",
+            "retrieval",
+            "nprobe",
+            "ef_search",
+        }
     )
     return Recommender.options(**deployment_options(args)).bind(replica_args)

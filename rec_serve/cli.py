@@ -1,4 +1,5 @@
-"""`rec-serve deploy --model URI [--replicas N]`: serve an exported model over HTTP until stopped.
+"""`rec-serve deploy --model URI [--replicas N]`: serve an exported model over HTTP until stopped;
+`rec-serve index --model URI --retrieval ivf|hnsw`: store a faiss index in the model folder.
 
 It connects to the Ray cluster in `RAY_ADDRESS` (or `--address`) or starts a local one, starts Serve
 on `--host`/`--port`, deploys `build_app`, prints the URL and a `curl` to try, and blocks until
@@ -12,10 +13,13 @@ import ipaddress
 import os
 import signal
 import sys
+import tempfile
 import time
 from types import FrameType
 
+from rec_serve.retrieval import RETRIEVALS
 from rec_serve.schemas import USER_TOWERS
+from rec_train import storage
 from rec_train.config import ConfigError, validate
 from rec_train.errors import RayrecError
 from rec_train.ray_session import init_ray
@@ -40,6 +44,12 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
         help="precision histories are encoded in (the item matrix stays fp32)",
     )  # fmt: skip
     parser.add_argument(
+        "--retrieval", choices=RETRIEVALS, default="exact",
+        help="top-k over every item (exact) or over a faiss index (ivf, hnsw; `rec-serve index` stores one)",
+    )  # fmt: skip
+    parser.add_argument("--nprobe", type=int, default=32, help="ivf: cells searched per query")
+    parser.add_argument("--ef-search", type=int, default=128, help="hnsw: candidates kept while searching")
+    parser.add_argument(
         "--api-key-env", help="environment variable holding the key clients send as X-API-Key"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
@@ -58,6 +68,9 @@ def serve_args(ns: argparse.Namespace) -> dict[str, object]:
         "num_cpus": ns.num_cpus,
         "api_key_env": ns.api_key_env,
         "user_tower": ns.user_tower,
+        "retrieval": ns.retrieval,
+        "nprobe": ns.nprobe,
+        "ef_search": ns.ef_search,
     }
     if ns.autoscale:
         low, sep, high = ns.autoscale.partition(":")
@@ -136,6 +149,49 @@ def deploy(ns: argparse.Namespace) -> int:
     return 0
 
 
+def add_index_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="exported model folder: path, file:// or s3:// URI")
+    parser.add_argument("--retrieval", choices=RETRIEVALS[1:], required=True, help="the kind of index")
+    parser.add_argument("--nlist", type=int, help="ivf: k-means cells (default about 4 sqrt(items))")
+    parser.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node")
+    parser.add_argument(
+        "--ef-construction", type=int, default=80, help="hnsw: candidates kept while building"
+    )
+
+
+def index(ns: argparse.Namespace) -> int:
+    """Build the faiss index of an exported model and store it in the model folder."""
+    import json
+
+    import torch
+
+    from rec_serve.predictor import check_model_folder
+    from rec_serve.retrieval import IndexParams, build_index, index_files, index_meta, write_index
+    from rec_train.model import RecModel
+
+    for flag, value in (
+        ("--nlist", ns.nlist),
+        ("--hnsw-m", ns.hnsw_m),
+        ("--ef-construction", ns.ef_construction),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    loc = check_model_folder(ns.model)
+    params = IndexParams(nlist=ns.nlist, hnsw_m=ns.hnsw_m, ef_construction=ns.ef_construction)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="rayrec-index-") as tmp:
+        local = storage.local_copy(loc, tmp)
+        info = storage.read_json(storage.resolve(str(local / "rayrec.json")))
+        model = RecModel.from_pretrained(str(local), use_safetensors=True).eval()
+        with torch.no_grad():
+            matrix = model.item_embeddings().float()  # [N + 1, d]
+    meta = index_meta(ns.retrieval, params, matrix, str(info.get("model_version", "unknown")))
+    write_index(loc, ns.retrieval, build_index(matrix, ns.retrieval, params), meta)
+    seconds = round(time.perf_counter() - started, 3)
+    print(json.dumps({"output": loc.join(index_files(ns.retrieval)[0]).uri, **meta, "seconds": seconds}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -144,12 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     add_deploy_arguments(
         sub.add_parser("deploy", help="deploy an exported model over HTTP and block until stopped")
     )
+    add_index_arguments(
+        sub.add_parser(
+            "index", help="build an approximate-retrieval index (faiss) into an exported model folder"
+        )
+    )
     ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if ns.command is None:
         parser.print_help()
         return 2
     try:
-        return deploy(ns)
+        return deploy(ns) if ns.command == "deploy" else index(ns)
     except (RayrecError, ConfigError, StorageError) as exc:
         print(f"rec-serve {ns.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ from rec_serve.predictor import (
     RecommendResponse,
     RequestError,
 )
+from rec_serve.retrieval import IndexParams
 from rec_serve.schemas import (
     MAX_ID_LENGTH,
     BatchArgs,
@@ -144,7 +145,11 @@ class Recommender:
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = ServeArgs.model_validate(args)
         self.predictor = Predictor.load(
-            self.args.model, explain_items=self.args.explain_items, user_tower=self.args.user_tower
+            self.args.model,
+            explain_items=self.args.explain_items,
+            user_tower=self.args.user_tower,
+            retrieval=self.args.retrieval,
+            index_params=IndexParams(nprobe=self.args.nprobe, ef_search=self.args.ef_search),
         )
         self.api_key: bytes | None = None
         if self.args.api_key_env:

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from rec_serve.retrieval import IndexParams, make_retriever, summary
 from rec_serve.schemas import MAX_POPULARITY_PENALTY, USER_TOWERS
 from rec_train import exported, storage
 from rec_train.data.collate import pad_left
@@ -154,7 +155,13 @@ class Predictor:
         source: str,
         explain_items: int = 3,
         user_tower: str = "fp32",
+        retrieval: str = "exact",
+        index_params: IndexParams | None = None,
+        folder: Path | None = None,
+        writable: bool = False,
     ) -> None:
+        """`retrieval` ("exact", "ivf", "hnsw") picks the top-k search; an index is read from the local model
+        `folder` or built (and written there when `writable`)."""
         if user_tower not in USER_TOWERS:
             raise ValueError(f"user_tower={user_tower!r} is not one of {', '.join(USER_TOWERS)}")
         self.user_tower = user_tower
@@ -194,6 +201,7 @@ class Predictor:
                 " the folder mixes two exports - re-run rec-train export"
             )
         self.item_matrix = matrix
+        self.retriever = make_retriever(retrieval, matrix, index_params, folder, self.model_version, writable)
         self.item_unit = torch.nn.functional.normalize(matrix, dim=-1)  # [num_items + 1, d]
         # Unit item text vectors for `diversity`, [num_items + 1, text_dim]; None for a model without text.
         self.text_unit = unit_rows(model.items.text_table()) if model.config.uses_text else None
@@ -202,9 +210,16 @@ class Predictor:
 
     @classmethod
     def load(
-        cls, uri: str, cache_dir: str | None = None, explain_items: int = 3, user_tower: str = "fp32"
+        cls,
+        uri: str,
+        cache_dir: str | None = None,
+        explain_items: int = 3,
+        user_tower: str = "fp32",
+        retrieval: str = "exact",
+        index_params: IndexParams | None = None,
     ) -> Predictor:
-        """Load an exported model from a local path, `file://` or `s3://` URI (downloaded first)."""
+        """Load an exported model from a local path, `file://` or `s3://` URI (downloaded first); an index
+        built at load is stored in a local folder, not written back to S3."""
         loc = check_model_folder(uri)
         if loc.is_s3 and cache_dir is None:
             cache_dir = tempfile.mkdtemp(prefix="rayrec-model-")  # the replica's own copy
@@ -230,6 +245,10 @@ class Predictor:
             source=loc.uri,
             explain_items=explain_items,
             user_tower=user_tower,
+            retrieval=retrieval,
+            index_params=index_params,
+            folder=local,
+            writable=not loc.is_s3,
         )
 
     # ---------------------------------------------------------------- requests
@@ -247,6 +266,11 @@ class Predictor:
             raise RequestError(f"diversity must be between 0 and 1, got {request.diversity}")
         if request.diversity and self.text_unit is None:
             raise RequestError(NO_TEXT_VECTORS)
+        if (request.popularity_penalty or request.diversity) and self.retriever.kind != "exact":
+            raise RequestError(
+                f"popularity_penalty and diversity re-rank every item's score, which retrieval="
+                f"{self.retriever.kind} does not compute; drop them, or query an endpoint with retrieval exact"
+            )
         history: list[int] = []
         if request.user_id is not None:
             if request.user_id not in self.histories:
@@ -311,21 +335,11 @@ class Predictor:
         exclude = torch.tensor(
             [p.excluded + [0] * (width - len(p.excluded)) for p in batch], dtype=torch.long
         )  # [B, E], 0-padded
-        scores = candidate_scores(users @ self.item_matrix.T, exclude)  # [B, num_items + 1]
         k_max = min(max(p.k for p in batch), self.num_items)
-        top_ids = torch.zeros(len(batch), k_max, dtype=torch.long)  # [B, k_max]; 0 past a row's own k
-        groups: dict[tuple[float, float, int], list[int]] = defaultdict(list)
-        for row, p in enumerate(batch):
-            # MMR's picks depend on k (its candidate pool grows with k); plain top-k lists share prefixes.
-            groups[(p.popularity_penalty, p.diversity, p.k if p.diversity else k_max)].append(row)
-        for (penalty, diversity, k), rows in groups.items():
-            members = torch.tensor(rows)
-            ranked = scores[members]  # [G, num_items + 1]
-            if penalty:
-                ranked = penalise_popularity(ranked, torch.from_numpy(self.counts), penalty)
-            ids, _ = top_k(ranked, k, self.text_unit, diversity)  # [G, min(k, num_items)]
-            top_ids[members, : ids.shape[1]] = ids
-        top_scores = scores.gather(1, top_ids)  # [B, k_max]: the model's scores, in the listed order
+        if self.retriever.kind == "exact":
+            top_ids, top_scores = self._rerank(batch, users, exclude, k_max)
+        else:  # no re-ranking knobs here (prepare refuses them)
+            top_ids, top_scores = self.retriever.search(users, k_max, exclude)  # [B, k_max] each
 
         because = None
         if any(p.explain for p in batch):
@@ -348,6 +362,25 @@ class Predictor:
                 items.append(Recommendation(self.item_ids[index] or "", score, self.titles[index], reasons))
             responses.append(RecommendResponse(items, self.model_version, p.unknown_items, fallback=False))
         return responses
+
+    def _rerank(
+        self, batch: list[PreparedRequest], users: torch.Tensor, exclude: torch.Tensor, k_max: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k with each request's re-ranking knobs: (ids [B, k_max], the model's scores [B, k_max])."""
+        scores = candidate_scores(users @ self.item_matrix.T, exclude)  # [B, num_items + 1]
+        top_ids = torch.zeros(len(batch), k_max, dtype=torch.long)  # [B, k_max]; 0 past a row's own k
+        groups: dict[tuple[float, float, int], list[int]] = defaultdict(list)
+        for row, p in enumerate(batch):
+            # MMR's picks depend on k (its candidate pool grows with k); plain top-k lists share prefixes.
+            groups[(p.popularity_penalty, p.diversity, p.k if p.diversity else k_max)].append(row)
+        for (penalty, diversity, k), rows in groups.items():
+            members = torch.tensor(rows)
+            ranked = scores[members]  # [G, num_items + 1]
+            if penalty:
+                ranked = penalise_popularity(ranked, torch.from_numpy(self.counts), penalty)
+            ids, _ = top_k(ranked, k, self.text_unit, diversity)  # [G, min(k, num_items)]
+            top_ids[members, : ids.shape[1]] = ids
+        return top_ids, scores.gather(1, top_ids)  # the model's scores, in the listed order
 
     def _popular(self, p: PreparedRequest) -> RecommendResponse:
         """Most popular items (score = share of all events) for a request without a usable history."""
@@ -409,5 +442,9 @@ class Predictor:
             "max_seq_len": self.max_seq_len,
             "user_tower": self.user_tower,
             "metrics": self.metrics,
-            "rerank": {"popularity_penalty": True, "diversity": self.text_unit is not None},
+            "retrieval": summary(self.retriever),
+            "rerank": {
+                "popularity_penalty": self.retriever.kind == "exact",
+                "diversity": self.retriever.kind == "exact" and self.text_unit is not None,
+            },
         }

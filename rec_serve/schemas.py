@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rec_serve.retrieval import Retrieval
 from rec_train.config import StrictModel
 
 MAX_K = 1000
@@ -62,6 +63,16 @@ class ServeArgs(StrictModel):
         "fp32",
         description="precision histories are encoded in: fp32 as trained, or bf16 autocast (faster on CPUs with "
         "AVX512-BF16 or AMX); the item matrix stays fp32",
+    )
+    retrieval: Retrieval = Field(
+        "exact",
+        description="top-k over every item (exact), or over a faiss index: ivf (inverted file) or hnsw (graph), "
+        "read from the model folder (`rec-serve index`) or built at load; popularity_penalty and diversity "
+        "need exact",
+    )
+    nprobe: int = Field(32, ge=1, description="ivf: cells searched per query (more: higher recall, slower)")
+    ef_search: int = Field(
+        128, ge=1, description="hnsw: candidates kept while searching (more: higher recall)"
     )
 
     def batch(self) -> BatchArgs:
@@ -181,6 +192,9 @@ class ModelBody(BaseModel):
     num_users: int
     max_seq_len: int
     user_tower: str = Field(description="precision histories are encoded in (fp32 or bf16)")
+    retrieval: dict[str, Any] = Field(
+        description="the top-k search: kind (exact, ivf, hnsw) and, for an index, its search settings"
+    )
     metrics: dict[str, Any]
     rerank: RerankSupport
     serving: ServingStats
