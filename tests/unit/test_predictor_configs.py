@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
+from rec_serve.cli import add_deploy_arguments, serve_args
 from rec_serve.schemas import BatchArgs, RecommendBody, ServeArgs
 from rec_train.config import ConfigError, validate
 
@@ -42,8 +44,17 @@ def test_serve_args_errors_name_the_key() -> None:
         validate(ServeArgs, {})
     with pytest.raises(ConfigError, match="user_tower: Input should be 'fp32' or 'bf16'"):
         validate(ServeArgs, {"model": "/m", "user_tower": "int8"})
+    with pytest.raises(ConfigError, match="retrieval: Input should be 'exact', 'ivf' or 'hnsw'"):
+        validate(ServeArgs, {"model": "/m", "retrieval": "lsh"})
+    with pytest.raises(ConfigError, match="nprobe: Input should be greater than or equal to 1"):
+        validate(ServeArgs, {"model": "/m", "retrieval": "ivf", "nprobe": 0})
     # `serve run rec_serve.app:build_app model=/m replicas=2` passes strings
     assert validate(ServeArgs, {"model": "/m", "replicas": "2"}).replicas == 2
+    flags = ["--model", "/m", "--retrieval", "hnsw", "--ef-search", "64"]
+    parser = argparse.ArgumentParser()
+    add_deploy_arguments(parser)
+    args = validate(ServeArgs, serve_args(parser.parse_args(flags)))
+    assert (args.retrieval, args.ef_search, args.nprobe) == ("hnsw", 64, 32)
 
 
 def test_recommend_body_rules() -> None:
