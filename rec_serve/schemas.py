@@ -23,6 +23,8 @@ class AutoscalingArgs(StrictModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0, description="load above target this long adds replicas")
+    downscale_delay_s: float = Field(600.0, ge=0, description="load below target this long removes replicas")
 
     @model_validator(mode="after")
     def _order(self) -> AutoscalingArgs:
