@@ -53,6 +53,8 @@ def build_app(args: dict[str, Any] | ServeArgs) -> Application:
             "retrieval",
             "nprobe",
             "ef_search",
+            "events",
+            "max_user_events",
         }
     )
     return Recommender.options(**deployment_options(args)).bind(replica_args)

@@ -47,6 +47,12 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
         "--retrieval", choices=RETRIEVALS, default="exact",
         help="top-k over every item (exact) or over a faiss index (ivf, hnsw; `rec-serve index` stores one)",
     )  # fmt: skip
+    parser.add_argument(
+        "--events", default="memory",
+        help="where POST /v1/events keeps users' new events: memory (per replica), redis://HOST:PORT/DB (shared, "
+        "durable), or none",
+    )  # fmt: skip
+    parser.add_argument("--max-user-events", type=int, default=200, help="newest events kept per user")
     parser.add_argument("--nprobe", type=int, default=32, help="ivf: cells searched per query")
     parser.add_argument("--ef-search", type=int, default=128, help="hnsw: candidates kept while searching")
     parser.add_argument(
@@ -69,6 +75,8 @@ def serve_args(ns: argparse.Namespace) -> dict[str, object]:
         "api_key_env": ns.api_key_env,
         "user_tower": ns.user_tower,
         "retrieval": ns.retrieval,
+        "events": ns.events,
+        "max_user_events": ns.max_user_events,
         "nprobe": ns.nprobe,
         "ef_search": ns.ef_search,
     }

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,6 +39,8 @@ from rec_serve.schemas import (
     MAX_ID_LENGTH,
     BatchArgs,
     ErrorBody,
+    EventsBody,
+    EventsResponseBody,
     HealthBody,
     ItemBody,
     ModelBody,
@@ -48,6 +51,7 @@ from rec_serve.schemas import (
     SimilarBody,
     SimilarResponseBody,
 )
+from rec_serve.user_state import open_store
 
 logger = logging.getLogger("ray.serve")
 
@@ -151,6 +155,7 @@ class Recommender:
             retrieval=self.args.retrieval,
             index_params=IndexParams(nprobe=self.args.nprobe, ef_search=self.args.ef_search),
         )
+        self.events = open_store(self.args.events, self.args.max_user_events)
         self.api_key: bytes | None = None
         if self.args.api_key_env:
             key = os.environ.get(self.args.api_key_env)
@@ -268,10 +273,35 @@ def build_api(replica: Recommender) -> FastAPI:
 
     @api.post("/v1/recommend", response_model=RecommendResponseBody, responses=ERRORS)
     async def recommend(body: RecommendBody) -> RecommendResponseBody:
-        """Top-k items for a known user and/or a history of item ids."""
-        prepared = predictor.prepare(RecommendRequest(**body.model_dump()))
-        response = await replica.rank(prepared)
+        """Top-k items for a user (known to the model, or known by their POST /v1/events) and/or a history
+        of item ids: the trained history, then the user's events, then `history`."""
+        request = RecommendRequest(**body.model_dump())
+        events = await replica.events.recent(body.user_id) if body.user_id and replica.events else []
+        if events:
+            known = body.user_id in predictor.histories
+            request = replace(
+                request, user_id=body.user_id if known else None, history=events + (body.history or [])
+            )
+        response = await replica.rank(predictor.prepare(request))
         return RecommendResponseBody.model_validate(response, from_attributes=True)
+
+    @api.post("/v1/events", response_model=EventsResponseBody, responses=ERRORS)
+    async def events(body: EventsBody) -> EventsResponseBody:
+        """Append interactions to users' histories; the next recommendation for each user reads them."""
+        if replica.events is None:
+            raise NotFoundError("this endpoint keeps no events (deployed with events=none)")
+        unknown = sorted({e.item_id for e in body.events if e.item_id not in predictor.item_index})
+        if unknown:
+            raise RequestError(
+                f"{len(unknown)} item ids are not in model {predictor.model_version} (first: {unknown[0]!r}); "
+                "nothing was stored: send events for known items (GET /v1/items/{item_id})"
+            )
+        ordered = list(body.events)
+        if all(e.timestamp is not None for e in ordered):
+            ordered.sort(key=lambda e: e.timestamp)  # stable: ties keep the order sent
+        await replica.events.append([(e.user_id, e.item_id) for e in ordered])
+        users = len({e.user_id for e in ordered})
+        return EventsResponseBody(accepted=len(ordered), users=users, store=replica.events.kind)
 
     @api.post("/v1/similar-items", response_model=SimilarResponseBody, responses=ERRORS)
     async def similar_items(body: SimilarBody) -> SimilarResponseBody:
@@ -292,7 +322,8 @@ def build_api(replica: Recommender) -> FastAPI:
     @api.get("/v1/model", response_model=ModelBody, responses=ERRORS)
     async def model() -> ModelBody:
         """Model version, training metrics and this replica's batching statistics."""
-        return ModelBody(**predictor.describe(), serving=replica.stats())
+        events = replica.events.kind if replica.events is not None else "none"
+        return ModelBody(**predictor.describe(), events=events, serving=replica.stats())
 
     @api.get("/healthz", response_model=HealthBody)
     async def healthz() -> HealthBody:

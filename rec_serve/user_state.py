@@ -1,0 +1,89 @@
+"""Real-time events: the per-user history that `POST /v1/events` appends to and `POST /v1/recommend` reads.
+
+Events are kept as item ids (not model indices), newest last and capped per user, so they outlive a model
+version: a rollout to a model that knows more items reads the same events. Two stores behind one interface:
+
+- `memory`: a dict in the replica (the `make demo` default): one replica's, lost when it restarts.
+- `redis://HOST:PORT/DB` (Redis or Valkey, e.g. ElastiCache or Memorystore in production): one list per user
+  (`rayrec:events:USER`), appended and trimmed in one transaction, so every replica reads every event and
+  the events survive replica restarts and rollouts.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from collections.abc import Sequence
+from typing import Protocol
+
+KEY_PREFIX = "rayrec:events:"
+
+
+class EventStore(Protocol):
+    kind: str
+
+    async def append(self, events: Sequence[tuple[str, str]]) -> None:
+        """(user_id, item_id) pairs, in time order; all or none are stored."""
+
+    async def recent(self, user_id: str) -> list[str]:
+        """The user's newest item ids (at most the cap), oldest first."""
+
+    async def close(self) -> None: ...
+
+
+def _by_user(events: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = defaultdict(list)
+    for user, item in events:
+        grouped[user].append(item)
+    return grouped
+
+
+class MemoryEventStore:
+    kind = "memory"
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.histories: dict[str, deque[str]] = {}
+
+    async def append(self, events: Sequence[tuple[str, str]]) -> None:
+        for user, items in _by_user(events).items():
+            self.histories.setdefault(user, deque(maxlen=self.cap)).extend(items)
+
+    async def recent(self, user_id: str) -> list[str]:
+        return list(self.histories.get(user_id, ()))
+
+    async def close(self) -> None:
+        self.histories.clear()
+
+
+class RedisEventStore:
+    kind = "redis"
+
+    def __init__(self, url: str, cap: int) -> None:
+        import redis.asyncio as redis
+
+        self.cap = cap
+        self.client = redis.from_url(url, decode_responses=True)
+
+    async def append(self, events: Sequence[tuple[str, str]]) -> None:
+        async with self.client.pipeline(transaction=True) as pipe:  # MULTI ... EXEC: all or nothing
+            for user, items in _by_user(events).items():
+                pipe.rpush(KEY_PREFIX + user, *items)
+                pipe.ltrim(KEY_PREFIX + user, -self.cap, -1)
+            await pipe.execute()
+
+    async def recent(self, user_id: str) -> list[str]:
+        return await self.client.lrange(KEY_PREFIX + user_id, -self.cap, -1)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def open_store(spec: str, cap: int) -> EventStore | None:
+    """ "memory", "redis://..." / "rediss://..." (TLS), or "none" (no events endpoint)."""
+    if spec == "none":
+        return None
+    if spec == "memory":
+        return MemoryEventStore(cap)
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        return RedisEventStore(spec, cap)
+    raise ValueError(f"events store {spec!r} is not 'memory', 'none' or a redis:// URL")
