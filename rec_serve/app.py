@@ -11,6 +11,7 @@ or from Python: `serve.run(build_app({"model": "s3://bucket/model"}), route_pref
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ray.serve import Application
@@ -21,6 +22,7 @@ from rec_serve.schemas import ServeArgs
 from rec_train.config import validate
 
 APP_NAME = "rayrec"
+logger = logging.getLogger("rayrec.serve")
 
 
 def deployment_options(args: ServeArgs) -> dict[str, Any]:
@@ -42,6 +44,11 @@ def build_app(args: dict[str, Any] | ServeArgs) -> Application:
     if not isinstance(args, ServeArgs):
         args = validate(ServeArgs, dict(args), source="rayrec serve args")
     check_model_folder(args.model)
+    if args.events == "memory" and (args.replicas > 1 or args.autoscaling is not None):
+        logger.warning(
+            "events=memory keeps POST /v1/events in each replica; with several replicas a user's events reach only "
+            "the replica that took them: give events a redis:// URL"
+        )
     # The replica gets only what it reads itself, so changing replicas or batching never restarts it.
     replica_args = args.model_dump(
         include={
