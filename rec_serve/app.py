@@ -62,6 +62,7 @@ def build_app(args: dict[str, Any] | ServeArgs) -> Application:
             "ef_search",
             "events",
             "max_user_events",
+            "state_cache_mb",
         }
     )
     return Recommender.options(**deployment_options(args)).bind(replica_args)

@@ -53,6 +53,10 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
         "durable), or none",
     )  # fmt: skip
     parser.add_argument("--max-user-events", type=int, default=200, help="newest events kept per user")
+    parser.add_argument(
+        "--state-cache-mb", type=float, default=0.0,
+        help="MB per replica for recent users' encoder states: a request after new events encodes only those",
+    )  # fmt: skip
     parser.add_argument("--nprobe", type=int, default=32, help="ivf: cells searched per query")
     parser.add_argument("--ef-search", type=int, default=128, help="hnsw: candidates kept while searching")
     parser.add_argument(
@@ -77,6 +81,7 @@ def serve_args(ns: argparse.Namespace) -> dict[str, object]:
         "retrieval": ns.retrieval,
         "events": ns.events,
         "max_user_events": ns.max_user_events,
+        "state_cache_mb": ns.state_cache_mb,
         "nprobe": ns.nprobe,
         "ef_search": ns.ef_search,
     }

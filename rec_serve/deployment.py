@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -154,6 +153,7 @@ class Recommender:
             user_tower=self.args.user_tower,
             retrieval=self.args.retrieval,
             index_params=IndexParams(nprobe=self.args.nprobe, ef_search=self.args.ef_search),
+            state_cache_mb=self.args.state_cache_mb,
         )
         self.events = open_store(self.args.events, self.args.max_user_events)
         self.api_key: bytes | None = None
@@ -275,13 +275,8 @@ def build_api(replica: Recommender) -> FastAPI:
     async def recommend(body: RecommendBody) -> RecommendResponseBody:
         """Top-k items for a user (known to the model, or known by their POST /v1/events) and/or a history
         of item ids: the trained history, then the user's events, then `history`."""
-        request = RecommendRequest(**body.model_dump())
         events = await replica.events.recent(body.user_id) if body.user_id and replica.events else []
-        if events:
-            known = body.user_id in predictor.histories
-            request = replace(
-                request, user_id=body.user_id if known else None, history=events + (body.history or [])
-            )
+        request = RecommendRequest(**body.model_dump(), events=events)
         response = await replica.rank(predictor.prepare(request))
         return RecommendResponseBody.model_validate(response, from_attributes=True)
 

@@ -27,6 +27,7 @@ import torch
 
 from rec_serve.retrieval import IndexParams, make_retriever, summary
 from rec_serve.schemas import MAX_POPULARITY_PENALTY, USER_TOWERS
+from rec_serve.user_state import StateCache
 from rec_train import exported, storage
 from rec_train.data.collate import pad_left
 from rec_train.errors import RayrecError
@@ -53,7 +54,8 @@ class NotFoundError(RayrecError):
 
 @dataclass
 class RecommendRequest:
-    """A user (known `user_id`) and/or a `history` of item ids, oldest first.
+    """A user (`user_id`) and/or a `history` of item ids, oldest first. A user's history is the trained one,
+    then their `events` (POST /v1/events), then `history`; a user the model was not trained on needs events.
 
     `popularity_penalty` (0 to 10) ranks by `rec_train.ranking.penalise_popularity`; `diversity` (0 to 1)
     picks the k by maximal marginal relevance over item text vectors (`rec_train.ranking.top_k`). Both
@@ -68,6 +70,7 @@ class RecommendRequest:
     explain: bool = False
     popularity_penalty: float = 0.0
     diversity: float = 0.0
+    events: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -99,6 +102,7 @@ class PreparedRequest:
     from_user: bool
     popularity_penalty: float = 0.0
     diversity: float = 0.0
+    user_id: str | None = None  # the key of the user's encoder state, when the request names a user
 
 
 def _read_table(path: Path, columns: list[str]) -> Any:
@@ -159,9 +163,12 @@ class Predictor:
         index_params: IndexParams | None = None,
         folder: Path | None = None,
         writable: bool = False,
+        state_cache_mb: float = 0.0,
     ) -> None:
         """`retrieval` ("exact", "ivf", "hnsw") picks the top-k search; an index is read from the local model
-        `folder` or built (and written there when `writable`)."""
+        `folder` or built (and written there when `writable`). `state_cache_mb` > 0 keeps the encoder states
+        of recent users (a causal encoder other than HSTU, fp32 user tower), so a user's request after new
+        events encodes only those."""
         if user_tower not in USER_TOWERS:
             raise ValueError(f"user_tower={user_tower!r} is not one of {', '.join(USER_TOWERS)}")
         self.user_tower = user_tower
@@ -202,6 +209,8 @@ class Predictor:
             )
         self.item_matrix = matrix
         self.retriever = make_retriever(retrieval, matrix, index_params, folder, self.model_version, writable)
+        usable = state_cache_mb > 0 and model.keeps_user_state and user_tower == "fp32"
+        self.states = StateCache(model, int(state_cache_mb * 2**20)) if usable else None
         self.item_unit = torch.nn.functional.normalize(matrix, dim=-1)  # [num_items + 1, d]
         # Unit item text vectors for `diversity`, [num_items + 1, text_dim]; None for a model without text.
         self.text_unit = unit_rows(model.items.text_table()) if model.config.uses_text else None
@@ -217,6 +226,7 @@ class Predictor:
         user_tower: str = "fp32",
         retrieval: str = "exact",
         index_params: IndexParams | None = None,
+        state_cache_mb: float = 0.0,
     ) -> Predictor:
         """Load an exported model from a local path, `file://` or `s3://` URI (downloaded first); an index
         built at load is stored in a local folder, not written back to S3."""
@@ -249,6 +259,7 @@ class Predictor:
             index_params=index_params,
             folder=local,
             writable=not loc.is_s3,
+            state_cache_mb=state_cache_mb,
         )
 
     # ---------------------------------------------------------------- requests
@@ -273,13 +284,13 @@ class Predictor:
             )
         history: list[int] = []
         if request.user_id is not None:
-            if request.user_id not in self.histories:
+            if request.user_id not in self.histories and not request.events:
                 raise NotFoundError(
                     f"unknown user_id {request.user_id!r}; send the user's recent items as 'history' instead"
                 )
-            history = list(self.histories[request.user_id])
+            history = list(self.histories.get(request.user_id, []))
         unknown: list[str] = []
-        for item_id in request.history or []:
+        for item_id in [*request.events, *(request.history or [])]:
             index = self.item_index.get(item_id)
             if index is None:
                 unknown.append(item_id)
@@ -297,6 +308,7 @@ class Predictor:
             from_user=request.user_id is not None,
             popularity_penalty=request.popularity_penalty,
             diversity=request.diversity,
+            user_id=request.user_id,
         )
 
     def recommend_batch(self, requests: list[RecommendRequest]) -> list[RecommendResponse]:
@@ -330,7 +342,7 @@ class Predictor:
     def _rank(self, batch: list[PreparedRequest]) -> list[RecommendResponse]:
         """One forward pass for the batch, then `rec_train.ranking`'s top-k with each request's knobs."""
         input_ids, attention_mask = pad_left([p.history for p in batch], self.max_seq_len)  # [B, L]
-        users = self.encode(input_ids, attention_mask)  # [B, d]
+        users = self._users(batch, input_ids, attention_mask)  # [B, d]
         width = max(len(p.excluded) for p in batch)
         exclude = torch.tensor(
             [p.excluded + [0] * (width - len(p.excluded)) for p in batch], dtype=torch.long
@@ -362,6 +374,24 @@ class Predictor:
                 items.append(Recommendation(self.item_ids[index] or "", score, self.titles[index], reasons))
             responses.append(RecommendResponse(items, self.model_version, p.unknown_items, fallback=False))
         return responses
+
+    def _users(
+        self, batch: list[PreparedRequest], input_ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """User vectors [B, d]: from the state cache for requests that name a user (histories up to
+        max_seq_len), one batched forward pass for the rest."""
+        cached = [
+            i for i, p in enumerate(batch) if self.states and p.user_id and len(p.history) <= self.max_seq_len
+        ]
+        if not cached:
+            return self.encode(input_ids, mask)
+        users = torch.empty(len(batch), self.item_matrix.shape[1])
+        rest = [i for i in range(len(batch)) if i not in set(cached)]
+        if rest:
+            users[rest] = self.encode(input_ids[rest], mask[rest])
+        for i in cached:
+            users[i] = self.states.vector(batch[i].user_id, batch[i].history)
+        return users
 
     def _rerank(
         self, batch: list[PreparedRequest], users: torch.Tensor, exclude: torch.Tensor, k_max: int
@@ -443,6 +473,7 @@ class Predictor:
             "user_tower": self.user_tower,
             "metrics": self.metrics,
             "retrieval": summary(self.retriever),
+            "state_cache": self.states.describe() if self.states is not None else None,
             "rerank": {
                 "popularity_penalty": self.retriever.kind == "exact",
                 "diversity": self.retriever.kind == "exact" and self.text_unit is not None,

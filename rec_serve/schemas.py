@@ -79,6 +79,12 @@ class ServeArgs(StrictModel):
         "a redis:// or rediss:// URL (shared by every replica, kept across restarts and rollouts), or none",
     )
     max_user_events: int = Field(200, ge=1, le=100_000, description="newest events kept per user")
+    state_cache_mb: float = Field(
+        0.0,
+        ge=0,
+        description="memory per replica for recent users' encoder states (keys and values; a causal encoder "
+        "other than HSTU, fp32 user tower): a user's request after new events encodes only those; 0: off",
+    )
     nprobe: int = Field(32, ge=1, description="ivf: cells searched per query (more: higher recall, slower)")
     ef_search: int = Field(
         128, ge=1, description="hnsw: candidates kept while searching (more: higher recall)"
@@ -235,6 +241,10 @@ class ModelBody(BaseModel):
     max_seq_len: int
     user_tower: str = Field(description="precision histories are encoded in (fp32 or bf16)")
     events: str = Field(description="where POST /v1/events keeps events: memory, redis or none")
+    state_cache: dict[str, int] | None = Field(
+        description="the encoder-state cache of this replica (users, bytes, hits, extended, encoded, evicted); "
+        "null when off"
+    )
     retrieval: dict[str, Any] = Field(
         description="the top-k search: kind (exact, ivf, hnsw) and, for an index, its search settings"
     )

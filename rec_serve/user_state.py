@@ -1,4 +1,5 @@
-"""Real-time events: the per-user history that `POST /v1/events` appends to and `POST /v1/recommend` reads.
+"""Per-user state of a served model: the history that `POST /v1/events` appends to and `POST /v1/recommend`
+reads (`EventStore`), and the encoder states of recent users (`StateCache`).
 
 Events are kept as item ids (not model indices), newest last and capped per user, so they outlive a model
 version: a rollout to a model that knows more items reads the same events. Two stores behind one interface:
@@ -11,9 +12,12 @@ version: a rollout to a model that knows more items reads the same events. Two s
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
 
 KEY_PREFIX = "rayrec:events:"
 
@@ -87,3 +91,52 @@ def open_store(spec: str, cap: int) -> EventStore | None:
     if spec.startswith(("redis://", "rediss://", "unix://")):
         return RedisEventStore(spec, cap)
     raise ValueError(f"events store {spec!r} is not 'memory', 'none' or a redis:// URL")
+
+
+@dataclass
+class _Entry:
+    history: list[int]  # item indices the state has encoded
+    state: Any  # rec_train.model.encoders.EncoderState
+    vector: torch.Tensor  # [d]
+    nbytes: int
+
+
+class StateCache:
+    """The encoder states (keys and values of every block) of recent users, by user id: a request whose
+    history continues the cached one encodes only its new items (`RecModel.extend_user`); the same history
+    reuses the user vector. Least recently used users are dropped beyond `max_bytes`. One cache belongs to
+    one model version (a replica's `Predictor`), so a rollout starts empty."""
+
+    def __init__(self, model: Any, max_bytes: int) -> None:
+        self.model, self.max_bytes = model, max_bytes
+        self.entries: OrderedDict[str, _Entry] = OrderedDict()
+        self.nbytes = 0
+        self.counts = {"hits": 0, "extended": 0, "encoded": 0, "evicted": 0}
+
+    def vector(self, user: str, history: list[int]) -> torch.Tensor:
+        """The user vector [d] of `history` (item indices, oldest first; at most the model's max_seq_len)."""
+        entry = self.entries.pop(user, None)
+        if entry is not None:
+            self.nbytes -= entry.nbytes
+        known = len(entry.history) if entry is not None else 0
+        if entry is not None and history == entry.history:
+            self.counts["hits"] += 1
+            vector, state = entry.vector, entry.state
+        elif entry is not None and known < len(history) and history[:known] == entry.history:
+            self.counts["extended"] += 1  # the cached state grows in place: it is this user's only copy
+            vector, state = self.model.extend_user(torch.tensor(history[known:]), entry.state)
+        else:
+            self.counts["encoded"] += 1
+            vector, state = self.model.extend_user(torch.tensor(history), None)
+        size = state.nbytes()
+        if size <= self.max_bytes:
+            self.entries[user] = _Entry(list(history), state, vector, size)
+            self.nbytes += size
+            while self.nbytes > self.max_bytes:
+                _, dropped = self.entries.popitem(last=False)
+                self.nbytes -= dropped.nbytes
+                self.counts["evicted"] += 1
+        return vector
+
+    def describe(self) -> dict[str, int]:
+        return {"users": len(self.entries), "bytes": self.nbytes, "max_bytes": self.max_bytes, **self.counts}

@@ -3,16 +3,22 @@
 Histories are left-padded, so positions are counted from each user's oldest real item
 (`position_ids = cumsum(attention_mask) - 1`): the same history gives the same output however
 much padding sits in front of it. Every encoder takes a boolean mask built by `attention_allowed`.
+
+The causal encoders but HSTU also continue one user's history without encoding it again:
+`extend(x [1, T, D], state) -> ([1, T, D], state)` computes only the T new positions from the keys and values
+of the earlier ones (`EncoderState`), and equals `forward` on the whole history (eval mode).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig, GPT2Config, LlamaConfig, PretrainedConfig, Qwen2Config
+from transformers import BertConfig, DynamicCache, GPT2Config, LlamaConfig, PretrainedConfig, Qwen2Config
 from transformers.activations import ACT2FN
 from transformers.models.bert.modeling_bert import BertLayer
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
@@ -34,6 +40,37 @@ def attention_allowed(attention_mask: torch.Tensor, causal: bool) -> torch.Tenso
     if causal:
         allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=device).tril()
     return allowed | torch.eye(length, dtype=torch.bool, device=device)  # [B, 1, L, L]
+
+
+@dataclass
+class EncoderState:
+    """One user's encoded positions so far: `length` of them, and every block's keys and values (`cache`: a
+    transformers `DynamicCache`, or a list of (keys, values) [1, H, length, hd] per SASRec block)."""
+
+    length: int
+    cache: Any
+
+    def nbytes(self) -> int:
+        if isinstance(self.cache, list):
+            return sum(k.nbytes + v.nbytes for k, v in self.cache)
+        return sum(
+            t.nbytes for layer in self.cache.layers for t in (layer.keys, layer.values) if t is not None
+        )
+
+
+def extension_mask(new: int, total: int, device: torch.device) -> torch.Tensor | None:
+    """bool [1, 1, new, total]: new query i (position total - new + i) sees every key up to its own; None for
+    one new position, which sees every key."""
+    if new == 1:
+        return None
+    keys = torch.arange(total, device=device)
+    queries = torch.arange(total - new, total, device=device)
+    return (keys[None, :] <= queries[:, None])[None, None]
+
+
+def _positions(state: EncoderState | None, new: int, device: torch.device) -> tuple[int, torch.Tensor]:
+    past = state.length if state is not None else 0
+    return past, torch.arange(past, past + new, device=device)[None]  # [1, T]
 
 
 def decoder_config(config: RecConfig, config_class: type[PretrainedConfig]) -> PretrainedConfig:
@@ -124,6 +161,19 @@ class LlamaEncoder(nn.Module):
             x = x + self.dropout(layer.mlp(layer.post_attention_layernorm(x)))
         return self.norm(x)
 
+    def extend(self, x: torch.Tensor, state: EncoderState | None) -> tuple[torch.Tensor, EncoderState]:
+        past, positions = _positions(state, x.shape[1], x.device)
+        cache = state.cache if state is not None else DynamicCache()
+        allowed = extension_mask(x.shape[1], past + x.shape[1], x.device)
+        rotary = self.rotary_emb(x, positions)
+        for layer in self.layers:  # x [1, T, D]
+            attended, _ = layer.self_attn(
+                layer.input_layernorm(x), attention_mask=allowed, position_embeddings=rotary, cache=cache
+            )
+            x = x + attended
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x), EncoderState(past + x.shape[1], cache)
+
 
 class Qwen2Encoder(LlamaEncoder):
     """Causal decoder: Qwen2 blocks (Llama's, with biases on the query, key and value projections)."""
@@ -156,6 +206,15 @@ class GPT2Encoder(nn.Module):
         for layer in self.layers:  # x [B, L, D]
             x = layer(x, attention_mask=allowed)
         return self.norm(x)
+
+    def extend(self, x: torch.Tensor, state: EncoderState | None) -> tuple[torch.Tensor, EncoderState]:
+        past, positions = _positions(state, x.shape[1], x.device)
+        cache = state.cache if state is not None else DynamicCache()
+        allowed = extension_mask(x.shape[1], past + x.shape[1], x.device)
+        x = x + self.position_embeddings(positions)
+        for layer in self.layers:  # x [1, T, D]
+            x = layer(x, cache=cache, attention_mask=allowed)
+        return self.norm(x), EncoderState(past + x.shape[1], cache)
 
 
 class BertEncoder(nn.Module):
@@ -194,15 +253,24 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        return self.attend(x, allowed, None)[0]
+
+    def attend(
+        self, x: torch.Tensor, allowed: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x [B, L, D] after the `past` keys and values ([B, H, P, hd] each) -> (out [B, L, D], all keys and
+        values [B, H, P + L, hd])."""
         b, length, width = x.shape
         shape = (b, length, self.heads, width // self.heads)
         q = self.q_proj(x).view(shape).transpose(1, 2)  # [B, H, L, hd]
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, H, P + L, hd]
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.o_proj(out.transpose(1, 2).reshape(b, length, width))  # [B, L, D]
+        return self.o_proj(out.transpose(1, 2).reshape(b, length, width)), (k, v)  # [B, L, D]
 
 
 class SASRecBlock(nn.Module):
@@ -220,8 +288,14 @@ class SASRecBlock(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), allowed))
-        return x + self.dropout(self.down_proj(self.dropout(self.act(self.up_proj(self.mlp_norm(x))))))
+        return self.extend(x, allowed, None)[0]
+
+    def extend(
+        self, x: torch.Tensor, allowed: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        attended, kv = self.attn.attend(self.attn_norm(x), allowed, past)
+        x = x + self.dropout(attended)
+        return x + self.dropout(self.down_proj(self.dropout(self.act(self.up_proj(self.mlp_norm(x)))))), kv
 
 
 class SASRecEncoder(nn.Module):
@@ -245,6 +319,16 @@ class SASRecEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, allowed)
         return self.norm(x)
+
+    def extend(self, x: torch.Tensor, state: EncoderState | None) -> tuple[torch.Tensor, EncoderState]:
+        past, positions = _positions(state, x.shape[1], x.device)
+        allowed = extension_mask(x.shape[1], past + x.shape[1], x.device)
+        x = x + self.position_embeddings(positions)
+        cache = []
+        for i, layer in enumerate(self.layers):  # x [1, T, D]
+            x, kv = layer.extend(x, allowed, state.cache[i] if state is not None else None)
+            cache.append(kv)
+        return self.norm(x), EncoderState(past + x.shape[1], cache)
 
 
 def relative_buckets(length: int, num_buckets: int, max_distance: int, device: torch.device) -> torch.Tensor:

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from rec_train.model.configuration import CAUSAL_ENCODERS, POINTWISE_HEADS, ROTARY_ENCODERS, RecConfig
-from rec_train.model.encoders import build_encoder
+from rec_train.model.encoders import EncoderState, build_encoder
 from rec_train.model.item_tower import ItemTower
 from rec_train.ranking import candidate_scores
 
@@ -186,6 +186,32 @@ class RecModel(RecPreTrainedModel):
     ) -> torch.Tensor:
         """Left-padded histories [B, L] -> user vectors [B, d] (L2-normalised when the config says so)."""
         return self._normalise(self._user_vectors(input_ids, attention_mask))
+
+    @property
+    def keeps_user_state(self) -> bool:
+        """True when one user's history can be continued from its `EncoderState` (`extend_user`): a causal
+        encoder with an `extend` (not HSTU), not read at a mask position."""
+        return self.mask_embedding is None and hasattr(self.encoder, "extend")
+
+    @torch.no_grad()
+    def extend_user(
+        self, new_ids: torch.Tensor, state: EncoderState | None = None
+    ) -> tuple[torch.Tensor, EncoderState]:
+        """One user's history continued by the items `new_ids` [T] (oldest first) from `state` (None: from
+        the start) -> (user vector [d], the state after them); equals `encode_users` on the whole history
+        while it is at most `max_seq_len` items (eval mode)."""
+        if not self.keeps_user_state or self.training:
+            raise ValueError(
+                f"extend_user needs eval mode and a causal encoder with state, not {self.config.encoder!r}"
+            )
+        x = self.items(new_ids[None])  # [1, T, d]
+        if self.config.scale_embedding:
+            x = x * math.sqrt(x.shape[-1])
+        if self.in_proj is not None:
+            x = self.in_proj(x)  # [1, T, D]
+        h, state = self.encoder.extend(x, state)
+        h = self.out_proj(h) if self.out_proj is not None else h  # [1, T, d]
+        return self._normalise(h[0, -1]), state
 
     def item_embeddings(self) -> torch.Tensor:
         """[num_items + 1, d] in the same space as `encode_users`; row 0 is padding, never recommended."""

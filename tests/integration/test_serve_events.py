@@ -1,7 +1,7 @@
 """`POST /v1/events` over real HTTP on 2 Serve replicas sharing a real Redis: every event is stored (counted
 in Redis), bad events get a 4xx and store nothing, the next `/v1/recommend` on either replica reads the new
-history (for a known user and for one the model never saw), and the events outlive a rollout to a new model
-version (whose replicas are new processes)."""
+history (for a known user and for one the model never saw; the replicas continue users' encoder states from
+their cache), and the events outlive a rollout to a new model version (whose replicas are new processes)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_events_reach_every_replica_and_outlive_a_rollout(
     v1 = write_tiny_model(tmp_path / "v1", model_version="v1", seed=1)
     v2 = write_tiny_model(tmp_path / "v2", model_version="v2", seed=2)
     store = redis.from_url(redis_url, decode_responses=True)
-    args = {"replicas": 2, "events": redis_url, "max_user_events": 50}
+    args = {"replicas": 2, "events": redis_url, "max_user_events": 50, "state_cache_mb": 16}
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -88,7 +88,7 @@ def test_events_reach_every_replica_and_outlive_a_rollout(
                 if version == "v2":  # a rollout: new replicas (new processes) of a new model version
                     serve.run(build_app({"model": str(folder), **args}), name=APP_NAME, route_prefix="/")
                     assert client.get("/v1/model").json()["model_version"] == "v2"
-                predictor = Predictor.load(str(folder))
+                predictor = Predictor.load(str(folder), state_cache_mb=16)  # as the replicas
                 expected_u1 = top(predictor, user_id="u1", history=known)
                 expected_new = top(predictor, history=fresh)
                 assert expected_u1 != top(predictor, user_id="u1")  # the events change the answer
@@ -100,7 +100,8 @@ def test_events_reach_every_replica_and_outlive_a_rollout(
                     )
                     got = client.post("/v1/recommend", json={"user_id": "nobody", "k": 10}).json()
                     assert [i["item_id"] for i in got["items"]] == expected_new
-            assert client.get("/v1/model").json()["events"] == "redis"
+            described = client.get("/v1/model").json()
+            assert described["events"] == "redis" and described["state_cache"]["users"] >= 1
 
             serve.run(build_app({"model": str(v1), "events": "none"}), name=APP_NAME, route_prefix="/")
             response = client.post("/v1/events", json={"events": [{"user_id": "u1", "item_id": known[0]}]})
