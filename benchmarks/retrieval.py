@@ -3,7 +3,8 @@
     python benchmarks/retrieval.py --model runs/models/ml-1m --synthetic 1000000 10000000 [--k 10 100]
 
 For each catalogue: the item matrix of an exported model (its known users' vectors are the queries), or a
-synthetic one of N unit vectors around 1,000 centres (the queries drawn the same way). Each query is
+synthetic one of N unit vectors around 1,000 centres (`--noise`: their spread; the queries drawn the same
+way). Each query is
 searched alone on one thread, exact search and every index in turn on the same queries; the figures are
 the median and p99 milliseconds per query, the index's build seconds and size, and recall@k: the share of
 the exact top-k that the index returns.
@@ -29,15 +30,16 @@ from rec_serve.retrieval import ExactRetriever, FaissRetriever, IndexParams, Ret
 from rec_train.data.collate import pad_left  # noqa: E402
 
 
-def clustered(items: int, dim: int, seed: int, clusters: int = 1000) -> torch.Tensor:
-    """[items + 1, dim]: unit vectors around `clusters` centres, row 0 padding; built in chunks."""
+def clustered(items: int, dim: int, seed: int, noise: float = 0.5, clusters: int = 1000) -> torch.Tensor:
+    """[items + 1, dim]: unit vectors around `clusters` centres (`noise`: the spread around a centre, whose
+    norm is about sqrt(dim)), row 0 padding; built in chunks."""
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(clusters, dim, generator=g)
     g.manual_seed(seed)
     out = torch.zeros(items + 1, dim)
     for start in range(1, items + 1, 1_000_000):
         n = min(1_000_000, items + 1 - start)
-        rows = centres[torch.randint(clusters, (n,), generator=g)] + 0.5 * torch.randn(n, dim, generator=g)
+        rows = centres[torch.randint(clusters, (n,), generator=g)] + noise * torch.randn(n, dim, generator=g)
         out[start : start + n] = torch.nn.functional.normalize(rows, dim=-1)
     return out
 
@@ -115,6 +117,9 @@ def main() -> None:
     parser.add_argument("--model", help="exported model folder: its item matrix and users")
     parser.add_argument("--synthetic", type=int, nargs="*", default=[], help="synthetic catalogue sizes")
     parser.add_argument("--dim", type=int, default=64, help="width of the synthetic item vectors")
+    parser.add_argument(
+        "--noise", type=float, default=0.5, help="spread of synthetic vectors around their centre"
+    )
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--k", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--kinds", nargs="+", default=["ivf", "hnsw"], choices=["ivf", "hnsw"])
@@ -134,8 +139,9 @@ def main() -> None:
             measure(os.path.basename(args.model.rstrip("/")), matrix, users, args.k, args.kinds, params)
         )
     for n in args.synthetic:
-        matrix, users = clustered(n, args.dim, seed=1), clustered(args.queries, args.dim, seed=2)[1:]
-        rows.append(measure(f"synthetic-{n}", matrix, users, args.k, args.kinds, params))
+        matrix = clustered(n, args.dim, seed=1, noise=args.noise)
+        users = clustered(args.queries, args.dim, seed=2, noise=args.noise)[1:]
+        rows.append(measure(f"synthetic-{n}-noise{args.noise:g}", matrix, users, args.k, args.kinds, params))
         del matrix
     print(json.dumps({
         "benchmark": "retrieval", "threads": args.threads, "catalogues": rows,
