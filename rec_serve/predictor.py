@@ -127,6 +127,8 @@ def check_model_folder(uri: str) -> storage.Location:
     if not storage.is_dir(loc):
         raise ModelFolderError(f"{loc.uri}: no such model folder; give the --output of rec-train export")
     missing = [name for name in exported.REQUIRED_FILES if not storage.is_file(loc.join(name))]
+    if not exported.has_weights(loc):
+        missing.insert(1, exported.WEIGHTS_FILE)
     if missing:
         pickled = [name for name in exported.PICKLE_WEIGHTS if storage.is_file(loc.join(name))]
         hint = (

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rec_train.exported import write_model_folder
+from rec_train.exported import DEFAULT_SHARD_SIZE, write_model_folder
 from rec_train.model import RecModel, build_config
 
 
@@ -31,8 +31,10 @@ def write_exported_model(
     max_history: int = 20,
     model_version: str = "v1",
     seed: int = 0,
+    max_shard_size: str = DEFAULT_SHARD_SIZE,
 ) -> Path:
-    """Save `model` plus items, histories, rayrec.json and metrics.json into `out`; returns it.
+    """Save `model` (in safetensors shards of at most `max_shard_size`) plus items, histories, rayrec.json and
+    metrics.json into `out`; returns it.
 
     Users are named `u0`, `u1`, ...; `u0` has an empty history. Item `i` has id `item_id(i)`,
     title `Item i` (none for every 5th item) and a Zipf-like event count.
@@ -62,7 +64,7 @@ def write_exported_model(
     )
     info = {"model_version": model_version, "config": {"synthetic": True, "seed": seed}, "dataset": {}}
     metrics = {"valid": {"ndcg@10": 0.0}, "test": {"ndcg@10": 0.0}}
-    write_model_folder(out, model, items, users, info, metrics)
+    write_model_folder(out, model, items, users, info, metrics, max_shard_size)
     return out
 
 

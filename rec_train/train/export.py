@@ -18,14 +18,19 @@ import pyarrow as pa
 
 from rec_train import storage
 from rec_train.errors import RayrecError
-from rec_train.exported import TOKENIZER_DIR, write_model_folder
+from rec_train.exported import DEFAULT_SHARD_SIZE, TOKENIZER_DIR, write_model_folder
 from rec_train.train import checkpoint as ckpt
 
 
 def export(
-    checkpoint_uri: str, output_uri: str, evaluate: bool = True, batch_size: int = 256
+    checkpoint_uri: str,
+    output_uri: str,
+    evaluate: bool = True,
+    batch_size: int = 256,
+    max_shard_size: str = DEFAULT_SHARD_SIZE,
 ) -> dict[str, Any]:
-    """Write the exported model folder; returns its `rayrec.json` figures and metrics."""
+    """Write the exported model folder (weights in safetensors shards of at most `max_shard_size`); returns
+    its `rayrec.json` figures and metrics."""
     from rec_train.data.dataset import load_manifest, read_items, read_sequences
     from rec_train.model.item_tower import save_tokenizer
     from rec_train.train.evaluate import evaluate_model, evaluate_pointwise, text_vectors
@@ -72,7 +77,9 @@ def export(
             "dataset": load_manifest(data_path),
         }
         folder = Path(tmp) / "model"
-        info = write_model_folder(folder, model, read_items(data_path), histories, info, metrics)
+        info = write_model_folder(
+            folder, model, read_items(data_path), histories, info, metrics, max_shard_size
+        )
         if model.items.tower is not None:  # its tokenizer, for `rec-train add-items`
             source = (
                 tokenizer_source(run["init_from"]) if run.get("init_from") else model.config.item_tower_source
@@ -93,12 +100,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-eval", action="store_true", help="skip computing metrics.json's valid/test metrics"
     )
     parser.add_argument("--batch-size", type=int, default=256, help="users per batch when evaluating")
+    parser.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_SHARD_SIZE,
+        help=f"largest safetensors file, e.g. 2GB or 500MB (default {DEFAULT_SHARD_SIZE}); a larger model is "
+        "written in shards with an index",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    print(
-        json.dumps(
-            export(args.checkpoint, args.output, evaluate=not args.no_eval, batch_size=args.batch_size)
-        )
-    )
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        if convert_file_size_to_int(args.max_shard_size) < 1:
+            raise ValueError
+    except ValueError:
+        raise RayrecError(
+            f"--max-shard-size {args.max_shard_size!r} is not a size such as 2GB or 500MB"
+        ) from None
+    figures = export(
+        args.checkpoint, args.output, evaluate=not args.no_eval, batch_size=args.batch_size,
+        max_shard_size=args.max_shard_size,
+    )  # fmt: skip
+    print(json.dumps(figures))
     return 0

@@ -26,7 +26,7 @@ def _not_a_model(loc: storage.Location) -> RayrecError:
 
 def _check_weights(loc: storage.Location) -> None:
     """An exported folder must hold safetensors weights; pickle weights are refused, never loaded."""
-    if storage.is_file(loc.join(exported.WEIGHTS_FILE)):
+    if exported.has_weights(loc):
         return
     pickled = [name for name in exported.PICKLE_WEIGHTS if storage.is_file(loc.join(name))]
     if pickled:
@@ -36,7 +36,8 @@ def _check_weights(loc: storage.Location) -> None:
             "(it writes safetensors)"
         )
     raise RayrecError(
-        f"{loc.uri}: {exported.WEIGHTS_FILE} is missing; export the model again with `rec-train export`"
+        f"{loc.uri}: {exported.WEIGHTS_FILE} (or {exported.WEIGHTS_INDEX_FILE} and its shards) is missing; export "
+        "the model again with `rec-train export`"
     )
 
 
