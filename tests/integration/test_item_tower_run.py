@@ -38,7 +38,7 @@ model:
   overrides: {loss: sampled_softmax, negatives_per: batch, num_negatives: 16, l2_normalize: true, temperature: 0.1}
 optim: {lr: 0.01, warmup_ratio: 0.0}
 deepspeed: {zero_stage: 2}
-train: {epochs: 2, batch_size: 32}
+train: {epochs: 1, batch_size: 32}
 eval: {ks: [10]}
 scaling: {num_workers: 2}
 run: {name: tower, storage: runs}
