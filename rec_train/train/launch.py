@@ -152,6 +152,35 @@ def check_pointwise_encoder(config: TrainConfig, init_from: str) -> None:
         )
 
 
+def check_memory(config: TrainConfig, num_items: int, max_seq_len: int | None, init_from: str | None) -> None:
+    """Refuse, before any data is read, a run on CPU workers whose weights, gradients and AdamW state alone
+    cannot fit the memory a worker can have on this cluster (`rec_train/train/memory.py`)."""
+    import ray
+
+    from rec_train.model import RecConfig
+    from rec_train.model.sizes import count_parameters
+    from rec_train.train.memory import check_fits, worker_budget
+    from rec_train.train.model_init import fresh_model_config
+    from rec_train.train.saved_model import saved_config
+
+    if init_from is None:
+        model_config, what = (
+            fresh_model_config(config, num_items, max_seq_len),
+            f"model.size={config.model.size}",
+        )
+    else:
+        saved = saved_config(init_from)
+        model_config = RecConfig.from_dict({**saved, "num_items": max(num_items, int(saved["num_items"]))})
+        what = init_from
+    parameters = count_parameters(model_config)["total"]
+    finetune = config.finetune
+    full = finetune is None or (finetune.lora_rank == 0 and finetune.freeze == "none")
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    workers = config.scaling.num_workers
+    budget = worker_budget(nodes, workers, config.scaling.cpus_per_worker)
+    check_fits(parameters, parameters if full else 0, config.deepspeed.zero_stage, workers, budget, what)
+
+
 def absolute_paths(config: TrainConfig) -> TrainConfig:
     """The config with its local paths (data, backbone, item tower, TensorBoard folder) made absolute where
     the command runs: Ray Train workers run in another directory. URIs and "minilm" stay as they are."""
@@ -206,6 +235,8 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
     run_uri = runs.join(name).uri
     needed = math.ceil(workers * config.scaling.cpus_per_worker) + 1  # the workers plus Ray Data's read tasks
     init_ray(num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=True)
+    if not config.scaling.use_gpu:
+        check_memory(config, num_items, max_seq_len, init_from)
 
     include_valid = config.data.include_valid
     columns = task_columns(config.task)

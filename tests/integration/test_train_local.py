@@ -17,7 +17,7 @@ import torch
 from tiny_data import write_dataset
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from rec_train.config import load_config
+from rec_train.config import ConfigError, load_config
 from rec_train.data.dataset import read_sequences
 from rec_train.model import RecModel
 from rec_train.train.config import TrainConfig
@@ -125,3 +125,21 @@ def test_a_run_starts_from_a_pretrained_backbone(
     for name, value in model.encoder.state_dict().items():
         if name.startswith("layers."):
             torch.testing.assert_close(value, source[name], atol=1e-6, rtol=0)
+
+
+def test_a_model_too_large_for_the_workers_is_refused_before_training(
+    ray_shared: None, tmp_path: Path
+) -> None:
+    """1.2 billion parameters under ZeRO stage 0 need 19.7 GB of states per worker: refused before any data
+    is read or worker started, with the estimate and what would fit."""
+    data = write_dataset(tmp_path / "data", items=60, step=1, seed=0, users=16)
+    config = load_config(
+        TrainConfig, None,
+        [f"data.path={data}", f"run.storage={tmp_path / 'runs'}", "model.size=large",
+         "model.overrides={num_hidden_layers: 96}", "scaling.num_workers=2", "deepspeed.zero_stage=0"],
+    )  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"needs at least 19\.\d GB per worker .* ZeRO stage 0 on 2 workers"
+    ):
+        launch(config, show_progress=False)
+    assert not (tmp_path / "runs").exists()
