@@ -1,13 +1,18 @@
-"""Closed-loop HTTP load on the Serve endpoint, batching on and off, printing ONE JSON line of figures.
+"""Closed-loop HTTP load on the Serve endpoint beside an echo deployment, printing ONE JSON line of figures.
 
-    python benchmarks/serve_load.py [--seconds 12] [--concurrency 1 8 32 64]
+    python benchmarks/serve_load.py [--model MODEL] [--seconds 12] [--concurrency 1 16 64]
+                                    [--variants batching no_batching bf16 state_cache]
 
-The model has the MovieLens-1M size (`build_config("ml-1m")`: 3,706 items, 2 blocks of width 64,
-histories up to 200 items, 6,040 users) with random weights: serving cost depends on the sizes, not on
-what the weights learned. One replica on a local Ray; for each batching setting (`max_batch_size` 32,
-then 1 = off) and each concurrency, a separate client process (aiohttp, keep-alive, asyncio) keeps
-that many requests in flight for a fixed time over loopback and reports requests per second, latency
-percentiles, errors and its own CPU use; the mean batch size comes from the replica's /v1/model stats.
+The model: an exported one (`--model`, e.g. `ml-1m.yaml`'s), or by default one of the MovieLens-1M size
+(`build_config("ml-1m")`: 3,706 items, 2 blocks of width 64, histories up to 200 items, 6,040 users) with
+random weights: serving cost depends on the sizes, not on what the weights learned. One replica on a local
+Ray, and in the same cluster a bare Serve deployment (`/echo`) that only returns the JSON body it gets: the
+framework's own ceiling. For the echo and each variant of the app (`batching`: max_batch_size 32;
+`no_batching`: 1; `bf16`: `--user-tower bf16`; `state_cache`: `--state-cache-mb 256`) and each
+concurrency, a separate client process (aiohttp, keep-alive, asyncio) keeps that many requests in flight
+for a fixed time over loopback and reports requests per second, latency percentiles, errors and its own
+CPU use; the mean batch size comes from the replica's /v1/model stats. Ratios against the echo at the same
+concurrency close the line.
 """
 
 from __future__ import annotations
@@ -32,12 +37,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # ---------------------------------------------------------------- client (its own process)
 
 
-async def closed_loop(url: str, concurrency: int, seconds: float, num_users: int) -> dict[str, Any]:
-    """`concurrency` workers, each sending its next request as soon as the last one is answered."""
+async def closed_loop(url: str, concurrency: int, seconds: float, users: list[str]) -> dict[str, Any]:
+    """`concurrency` workers, each sending its next request as soon as the last one is answered (to
+    `url`/v1/recommend, or to `url` itself when it ends in /echo)."""
     import aiohttp
 
     latencies: list[float] = []
     errors = 0
+    target = url if url.endswith("/echo") else f"{url}/v1/recommend"
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
 
@@ -45,10 +52,10 @@ async def closed_loop(url: str, concurrency: int, seconds: float, num_users: int
             nonlocal errors
             rng = random.Random(seed)
             while time.perf_counter() < stop_at:
-                body = {"user_id": f"u{rng.randrange(1, num_users)}", "k": 10}
+                body = {"user_id": rng.choice(users), "k": 10}
                 start = time.perf_counter()
                 try:
-                    async with session.post(f"{url}/v1/recommend", json=body) as response:
+                    async with session.post(target, json=body) as response:
                         await response.read()
                         ok = response.status == 200
                 except aiohttp.ClientError:
@@ -93,11 +100,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_client(url: str, concurrency: int, seconds: float, num_users: int) -> dict[str, Any]:
+def run_client(url: str, concurrency: int, seconds: float, users_file: str) -> dict[str, Any]:
     command = [sys.executable, __file__, "--client", url, "--concurrency", str(concurrency)]
-    command += ["--seconds", str(seconds), "--num-users", str(num_users)]
+    command += ["--seconds", str(seconds), "--users-file", users_file]
     out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=seconds + 120)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "batching": {"max_batch_size": 32},
+    "no_batching": {"max_batch_size": 1},
+    "bf16": {"max_batch_size": 32, "user_tower": "bf16"},
+    "state_cache": {"max_batch_size": 32, "state_cache_mb": 256},
+}
+
+
+def echo_app() -> Any:
+    """A bare Serve deployment that returns the JSON body it gets (one CPU, as the app's replica)."""
+    from ray import serve
+    from starlette.requests import Request
+
+    @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
+    class Echo:
+        async def __call__(self, request: Request) -> dict[str, Any]:
+            return await request.json()
+
+    return Echo.bind()
 
 
 def serving_stats(url: str) -> dict[str, Any]:
@@ -108,17 +136,17 @@ def serving_stats(url: str) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="exported model folder (default: a random model of the ml-1m size)")
     parser.add_argument("--seconds", type=float, default=12.0, help="measured time per concurrency level")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
-    parser.add_argument("--num-users", type=int, default=6040)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--num-users", type=int, default=6040, help="users of the random model")
     parser.add_argument("--client", help=argparse.SUPPRESS)
+    parser.add_argument("--users-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
-        print(
-            json.dumps(
-                asyncio.run(closed_loop(args.client, args.concurrency[0], args.seconds, args.num_users))
-            )
-        )
+        users = Path(args.users_file).read_text().split()
+        print(json.dumps(asyncio.run(closed_loop(args.client, args.concurrency[0], args.seconds, users))))
         return
 
     import ray
@@ -126,13 +154,23 @@ def main() -> None:
     from ray import serve
 
     from rec_serve.app import APP_NAME, build_app
+    from rec_serve.predictor import Predictor
     from rec_serve.synthetic import write_exported_model
     from rec_train.model import RecModel, build_config
 
-    torch.manual_seed(0)
-    folder = Path(tempfile.mkdtemp(prefix="rayrec-bench-")) / "ml-1m-random"
-    config = build_config("ml-1m")
-    write_exported_model(folder, RecModel(config), num_users=args.num_users, max_history=config.max_seq_len)
+    work = Path(tempfile.mkdtemp(prefix="rayrec-bench-"))
+    if args.model:
+        folder, described = Path(args.model), "exported: " + args.model
+    else:
+        torch.manual_seed(0)
+        folder, described = work / "ml-1m-random", "ml-1m size, random weights"
+        config = build_config("ml-1m")
+        write_exported_model(
+            folder, RecModel(config), num_users=args.num_users, max_history=config.max_seq_len
+        )
+    predictor = Predictor.load(str(folder))
+    users_file = work / "users.txt"
+    users_file.write_text("\n".join(u for u, h in predictor.histories.items() if h))
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -140,55 +178,66 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for label, max_batch_size in (("batching", 32), ("no_batching", 1)):
+        serve.run(echo_app(), name="echo", route_prefix="/echo")
+        results["echo"] = [
+            {"concurrency": c, **run_client(f"{url}/echo", c, args.seconds, str(users_file))}
+            for c in args.concurrency
+        ]
+        print(f"echo {results['echo']}", file=sys.stderr, flush=True)
+        for label in args.variants:
             app_args = {
                 "model": str(folder),
                 "replicas": 1,
-                "max_batch_size": max_batch_size,
                 "batch_wait_timeout_s": 0.005,
                 "max_ongoing_requests": 256,
             }
-            serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
+            serve.run(build_app({**app_args, **VARIANTS[label]}), name=APP_NAME, route_prefix="/")
             rows = []
             for concurrency in args.concurrency:
                 before = serving_stats(url)
-                row = run_client(url, concurrency, args.seconds, args.num_users)
+                row = run_client(url, concurrency, args.seconds, str(users_file))
                 after = serving_stats(url)
                 batches = after["batches"] - before["batches"]
                 batched = (
                     after["mean_batch_size"] * after["batches"]
                     - before["mean_batch_size"] * before["batches"]
                 )
-                row = {
-                    "concurrency": concurrency,
-                    **row,
-                    "mean_batch_size": round(batched / max(1, batches), 2),
-                }
-                print(f"{label} {row}", file=sys.stderr, flush=True)
-                rows.append(row)
-            results[label] = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.005, "levels": rows}
+                rows.append(
+                    {
+                        "concurrency": concurrency,
+                        **row,
+                        "mean_batch_size": round(batched / max(1, batches), 2),
+                    }
+                )
+                print(f"{label} {rows[-1]}", file=sys.stderr, flush=True)
+            results[label] = {"settings": VARIANTS[label], "levels": rows}
+            serve.delete(APP_NAME)
     finally:
         serve.shutdown()
         ray.shutdown()
 
+    echo = {row["concurrency"]: row for row in results["echo"]}
+    ratios = {
+        label: {
+            str(row["concurrency"]): {
+                "p50_vs_echo": round(row["p50_ms"] / max(echo[row["concurrency"]]["p50_ms"], 1e-9), 2),
+                "rps_vs_echo": round(row["rps"] / max(echo[row["concurrency"]]["rps"], 1e-9), 2),
+            }
+            for row in results[label]["levels"]
+        }
+        for label in args.variants
+    }
     print(
         json.dumps(
             {
-                "benchmark": "serve_load",
-                "model": "ml-1m size, random weights",
-                "num_items": config.num_items,
-                "num_users": args.num_users,
-                "max_seq_len": config.max_seq_len,
-                "replicas": 1,
-                "seconds_per_level": args.seconds,
-                "cpu_cores": os.cpu_count(),
-                "load_average_1m": round(os.getloadavg()[0], 1),
-                "torch": torch.__version__,
-                "ray": ray.__version__,
-                **results,
+                "benchmark": "serve_load", "model": described, "num_items": predictor.num_items,
+                "num_users": len(predictor.histories), "max_seq_len": predictor.max_seq_len, "replicas": 1,
+                "seconds_per_level": args.seconds, "cpu_cores": os.cpu_count(),
+                "load_average_1m": round(os.getloadavg()[0], 1), "torch": torch.__version__, "ray": ray.__version__,
+                **results, "ratios": ratios,
             }
         )
-    )
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
