@@ -76,8 +76,9 @@ def test_load_adds_a_replica_and_its_end_removes_it(server: Cluster) -> None:
 
 def test_a_sigkilled_replica_is_replaced_and_only_requests_in_flight_fail(server: Cluster) -> None:
     serve.run(build_app({"model": str(server.v1), "replicas": 2}), name=APP_NAME, route_prefix="/")
+    # the earlier test's replica processes may take a moment to exit
+    wait_for(lambda: running_replicas() == 2 and len(replica_processes()) == 2, 60)
     before = replica_processes()
-    assert len(before) == 2 and running_replicas() == 2
     victim = min(before)
     with Load(server, threads=4) as load:
         time.sleep(1)
