@@ -388,7 +388,7 @@ class Predictor:
         if not cached:
             return self.encode(input_ids, mask)
         users = torch.empty(len(batch), self.item_matrix.shape[1])
-        rest = [i for i in range(len(batch)) if i not in set(cached)]
+        rest = sorted(set(range(len(batch))) - set(cached))
         if rest:
             users[rest] = self.encode(input_ids[rest], mask[rest])
         for i in cached:

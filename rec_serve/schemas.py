@@ -93,9 +93,9 @@ class ServeArgs(StrictModel):
     @field_validator("events")
     @classmethod
     def _check_events(cls, events: str) -> str:
-        if events not in ("memory", "none") and not events.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"{events!r} is not 'memory', 'none' or a redis:// URL")
-        return events
+        from rec_serve.user_state import check_store
+
+        return check_store(events)
 
     def batch(self) -> BatchArgs:
         return BatchArgs(max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s)

@@ -82,15 +82,21 @@ class RedisEventStore:
         await self.client.aclose()
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_store(spec: str) -> str:
+    """`spec` when it names a store: "memory", "none" or a Redis URL (redis://, rediss:// for TLS, unix://)."""
+    if spec not in ("memory", "none") and not spec.startswith(REDIS_SCHEMES):
+        raise ValueError(f"{spec!r} is not 'memory', 'none' or a redis:// URL")
+    return spec
+
+
 def open_store(spec: str, cap: int) -> EventStore | None:
-    """ "memory", "redis://..." / "rediss://..." (TLS), or "none" (no events endpoint)."""
-    if spec == "none":
+    """The store `spec` names (`check_store`); None for "none" (no events endpoint)."""
+    if check_store(spec) == "none":
         return None
-    if spec == "memory":
-        return MemoryEventStore(cap)
-    if spec.startswith(("redis://", "rediss://", "unix://")):
-        return RedisEventStore(spec, cap)
-    raise ValueError(f"events store {spec!r} is not 'memory', 'none' or a redis:// URL")
+    return MemoryEventStore(cap) if spec == "memory" else RedisEventStore(spec, cap)
 
 
 @dataclass
