@@ -1,6 +1,8 @@
-"""Exact against approximate top-k (faiss IVF and HNSW, `rec-serve --retrieval`), printing ONE JSON line.
+"""Exact against approximate top-k (faiss IVF, HNSW, fp16 / int8 item vectors; `rec-serve --retrieval`),
+printing ONE JSON line.
 
     python benchmarks/retrieval.py --model runs/models/ml-1m --synthetic 1000000 10000000 [--k 10 100]
+        [--kinds ivf hnsw fp16 int8]
 
 For each catalogue: the item matrix of an exported model (its known users' vectors are the queries), or a
 synthetic one of N unit vectors around 1,000 centres (`--noise`: their spread; the queries drawn the same
@@ -26,7 +28,14 @@ import faiss  # noqa: E402
 import torch  # noqa: E402
 
 from rec_serve.predictor import Predictor  # noqa: E402
-from rec_serve.retrieval import ExactRetriever, FaissRetriever, IndexParams, Retriever, build_index  # noqa: E402
+from rec_serve.retrieval import (  # noqa: E402
+    RETRIEVALS,
+    ExactRetriever,
+    FaissRetriever,
+    IndexParams,
+    Retriever,
+    build_index,
+)
 from rec_train.data.collate import pad_left  # noqa: E402
 
 
@@ -79,6 +88,14 @@ def recall(found: torch.Tensor, exact: torch.Tensor, k: int) -> float:
     return round(hits / (k * len(exact)), 4)
 
 
+def settings(kind: str, index: Any, params: IndexParams) -> dict[str, Any]:
+    if kind == "ivf":
+        return {"nlist": index.nlist, "nprobe": params.nprobe}
+    if kind == "hnsw":
+        return {"hnsw_m": params.hnsw_m, "ef_search": params.ef_search}
+    return {"bytes_per_item": index.code_size}
+
+
 def measure(
     name: str, matrix: torch.Tensor, users: torch.Tensor, ks: list[int], kinds: list[str], params: IndexParams
 ) -> dict[str, Any]:
@@ -97,11 +114,7 @@ def measure(
         row[kind] = {
             "build_s": round(build_s, 1),
             "index_mb": round(faiss.serialize_index(index).nbytes / 2**20, 1),
-            **(
-                {"nlist": index.nlist, "nprobe": params.nprobe}
-                if kind == "ivf"
-                else {"hnsw_m": params.hnsw_m, "ef_search": params.ef_search}
-            ),
+            **settings(kind, index, params),
             **latency(times),
             **{f"recall@{kk}": recall(ids, exact_ids, kk) for kk in ks},
             "speedup_median": round(row["exact"]["median_ms"] / statistics.median(times), 2),
@@ -122,7 +135,7 @@ def main() -> None:
     )
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--k", type=int, nargs="+", default=[10, 100])
-    parser.add_argument("--kinds", nargs="+", default=["ivf", "hnsw"], choices=["ivf", "hnsw"])
+    parser.add_argument("--kinds", nargs="+", default=["ivf", "hnsw"], choices=RETRIEVALS[1:])
     parser.add_argument("--nlist", type=int, help="ivf cells (default about 4 sqrt(items))")
     parser.add_argument("--nprobe", type=int, default=32)
     parser.add_argument("--ef-search", type=int, default=128)

@@ -1,11 +1,12 @@
-"""The user tower in fp32 and bf16 side by side on one exported model, printing ONE JSON line.
+"""The user tower in fp32, bf16 and compiled side by side on one exported model, printing ONE JSON line.
 
     python benchmarks/user_tower.py --model runs/models/ml-1m [--batch-sizes 1 32] [--repeats 20]
 
-Every known user of the model is ranked by the fp32 Predictor and by one that encodes histories under
-bfloat16 autocast (`rec-serve deploy --user-tower bf16`); the figures are the share of users whose top-10
+Every known user of the model is ranked by the fp32 Predictor and by ones that encode histories under
+bfloat16 autocast (`rec-serve deploy --user-tower bf16`) or in fp32 through `torch.compile` (`--user-tower
+compiled`); the figures are the share of users whose top-10
 list is the same (in order, and as a set), the mean share of the 10 items both lists hold, and the
-seconds one `Predictor.encode` call takes on one thread for a batch of the longest histories, the two
+seconds one `Predictor.encode` call takes on one thread for a batch of the longest histories, the
 towers timed in turn.
 """
 

@@ -41,11 +41,13 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
     parser.add_argument(
         "--user-tower", choices=USER_TOWERS, default="fp32",
-        help="precision histories are encoded in (the item matrix stays fp32)",
+        help="how histories are encoded: fp32, bf16 autocast, or fp32 through torch.compile (the item matrix "
+        "stays fp32)",
     )  # fmt: skip
     parser.add_argument(
         "--retrieval", choices=RETRIEVALS, default="exact",
-        help="top-k over every item (exact) or over a faiss index (ivf, hnsw; `rec-serve index` stores one)",
+        help="top-k over every item (exact) or over a faiss index (ivf, hnsw, or fp16 / int8 item vectors; "
+        "`rec-serve index` stores one)",
     )  # fmt: skip
     parser.add_argument(
         "--events", default="memory",

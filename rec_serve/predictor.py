@@ -14,9 +14,12 @@ serving replica answers a whole batch of concurrent requests with one forward pa
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,8 @@ from rec_train.data.collate import pad_left
 from rec_train.errors import RayrecError
 from rec_train.model import RecModel
 from rec_train.ranking import candidate_scores, penalise_popularity, top_k, unit_rows
+
+logger = logging.getLogger("rayrec.predictor")
 
 NO_TEXT_VECTORS = (
     "diversity needs item text vectors; this model reads no item text (export a model trained with"
@@ -146,10 +151,32 @@ def _bucket(length: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, length))))
 
 
+def compile_user_tower(model: RecModel, source: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`model.encode_users` through `torch.compile`, compiled now, so no request pays for it: a graph for a
+    single history and one for any batch, each for histories shorter than `max_seq_len` and for full ones
+    (the four warm-up shapes); lengths of at least 2 (`Predictor.encode` pads shorter ones, as size-1
+    dimensions would get graphs of their own)."""
+    compiled = torch.compile(model.encode_users, dynamic=True)
+    started, full = time.perf_counter(), model.config.max_seq_len
+    try:
+        with torch.no_grad():
+            for batch, length in ((1, 2), (3, 3), (1, full), (3, full)):
+                ids = torch.ones(batch, length, dtype=torch.long)  # [B, L], item 1 everywhere
+                compiled(ids, torch.ones_like(ids))
+    except Exception as exc:  # inductor needs a C++ compiler; say so instead of failing on a request
+        raise ModelFolderError(
+            f"{source}: could not compile the user tower ({str(exc).strip().splitlines()[0][:300]}); torch.compile "
+            "needs a C++ compiler (gcc or clang) on the replica - install one or use --user-tower fp32"
+        ) from exc
+    logger.info("compiled the user tower of %s in %.1f s", source, time.perf_counter() - started)
+    return compiled
+
+
 class Predictor:
     """An exported model in memory, answering recommendation, similar-item and item look-ups. The item
     matrix is computed in fp32; `user_tower="bf16"` encodes histories under bfloat16 autocast (matrix
-    products in bf16, norms and softmax in fp32)."""
+    products in bf16, norms and softmax in fp32), `"compiled"` in fp32 through `torch.compile` (inductor,
+    dynamic shapes; compiled at load)."""
 
     def __init__(
         self,
@@ -175,6 +202,9 @@ class Predictor:
             raise ValueError(f"user_tower={user_tower!r} is not one of {', '.join(USER_TOWERS)}")
         self.user_tower = user_tower
         self.model = model.eval()
+        self._encode_users = model.encode_users
+        if user_tower == "compiled":
+            self._encode_users = compile_user_tower(model, source)
         self.source = source
         self.info = info
         self.metrics = metrics
@@ -337,8 +367,12 @@ class Predictor:
     @torch.no_grad()
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Left-padded histories [B, L] -> fp32 user vectors [B, d], in the user tower's precision."""
+        if self.user_tower == "compiled" and input_ids.shape[1] < 2:  # [B, 1] -> [B, 2], left-padded
+            input_ids, attention_mask = (
+                torch.nn.functional.pad(t, (1, 0)) for t in (input_ids, attention_mask)
+            )
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.user_tower == "bf16"):
-            return self.model.encode_users(input_ids, attention_mask).float()
+            return self._encode_users(input_ids, attention_mask).float()
 
     @torch.no_grad()
     def _rank(self, batch: list[PreparedRequest]) -> list[RecommendResponse]:

@@ -5,6 +5,9 @@ score -inf (id 0) past the candidates there are.
 - `exact`: a product with every item vector; the default, and right for catalogues up to about a million.
 - `ivf`, `hnsw`: a faiss index (inner product) over the item vectors: an inverted file of `nlist` k-means
   cells of which `nprobe` are searched, or an HNSW graph of `hnsw_m` links searched with `ef_search`.
+- `fp16`, `int8`: every item scored, as `exact`, with the item vectors stored in 2 or 1 bytes per value
+  (a faiss scalar quantizer; int8 with a per-dimension range learnt from the items): a half or a quarter
+  of the item matrix's memory.
 
 An index is stored in the model folder as `index-KIND.faiss` next to `index-KIND.json` (model version,
 items, width, build parameters): `rec-serve index` writes it after export; a replica that finds none (or
@@ -32,8 +35,9 @@ from rec_train.ranking import candidate_scores
 
 logger = logging.getLogger("rayrec.retrieval")
 
-Retrieval = Literal["exact", "ivf", "hnsw"]
+Retrieval = Literal["exact", "ivf", "hnsw", "fp16", "int8"]
 RETRIEVALS: tuple[str, ...] = get_args(Retrieval)
+SCALAR_TYPES = {"fp16": "QT_fp16", "int8": "QT_8bit"}  # faiss scalar quantizer of each stored-matrix kind
 TRAINING_POINTS_PER_CELL = 64  # k-means sample for an IVF index: this many item vectors per cell
 
 
@@ -88,13 +92,13 @@ def _faiss() -> Any:
 
 
 class FaissRetriever:
-    """An IVF or HNSW faiss index over items 1..N (faiss label j is item j + 1)."""
+    """A faiss index over items 1..N (faiss label j is item j + 1): IVF, HNSW or scalar-quantised flat."""
 
     def __init__(self, index: Any, kind: str, params: IndexParams) -> None:
         self.index, self.kind, self.params = index, kind, params
         if kind == "ivf":
             index.nprobe = params.nprobe
-        else:
+        elif kind == "hnsw":
             index.hnsw.efSearch = params.ef_search
 
     def search(
@@ -127,6 +131,11 @@ def build_index(matrix: torch.Tensor, kind: str, params: IndexParams, seed: int 
         rng = np.random.default_rng(seed)
         sample = vectors[rng.choice(items, min(items, TRAINING_POINTS_PER_CELL * cells), replace=False)]
         index.train(sample)
+    elif kind in SCALAR_TYPES:
+        index = faiss.IndexScalarQuantizer(
+            dim, getattr(faiss.ScalarQuantizer, SCALAR_TYPES[kind]), faiss.METRIC_INNER_PRODUCT
+        )
+        index.train(vectors)  # int8: each dimension's range over the items
     else:
         raise ValueError(f"retrieval {kind!r} has no index; choose from {', '.join(RETRIEVALS[1:])}")
     index.add(vectors)
@@ -138,9 +147,11 @@ def index_files(kind: str) -> tuple[str, str]:
 
 
 def index_meta(kind: str, params: IndexParams, matrix: torch.Tensor, model_version: str) -> dict[str, Any]:
-    built = {"nlist": params.cells(matrix.shape[0] - 1)} if kind == "ivf" else {
-        "hnsw_m": params.hnsw_m, "ef_construction": params.ef_construction
-    }  # fmt: skip
+    built: dict[str, Any] = {}
+    if kind == "ivf":
+        built = {"nlist": params.cells(matrix.shape[0] - 1)}
+    elif kind == "hnsw":
+        built = {"hnsw_m": params.hnsw_m, "ef_construction": params.ef_construction}
     return {
         "kind": kind,
         "model_version": model_version,
@@ -218,4 +229,6 @@ def summary(retriever: Retriever) -> dict[str, Any]:
         return {"kind": retriever.kind}
     if retriever.kind == "ivf":
         return {"kind": "ivf", "nprobe": retriever.params.nprobe, "nlist": retriever.index.nlist}
-    return {"kind": "hnsw", "ef_search": retriever.params.ef_search}
+    if retriever.kind == "hnsw":
+        return {"kind": "hnsw", "ef_search": retriever.params.ef_search}
+    return {"kind": retriever.kind, "bytes_per_item": retriever.index.code_size}

@@ -43,8 +43,8 @@ class BatchArgs(StrictModel):
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
 
 
-UserTower = Literal["fp32", "bf16"]
-USER_TOWERS: tuple[str, ...] = get_args(UserTower)  # the precisions histories can be encoded in
+UserTower = Literal["fp32", "bf16", "compiled"]
+USER_TOWERS: tuple[str, ...] = get_args(UserTower)  # how histories can be encoded
 
 
 class ServeArgs(StrictModel):
@@ -64,14 +64,15 @@ class ServeArgs(StrictModel):
     explain_items: int = Field(3, ge=1, le=20, description="history items named in 'because'")
     user_tower: UserTower = Field(
         "fp32",
-        description="precision histories are encoded in: fp32 as trained, or bf16 autocast (faster on CPUs with "
-        "AVX512-BF16 or AMX); the item matrix stays fp32",
+        description="how histories are encoded: fp32 as trained, bf16 autocast (faster on CPUs with AVX512-BF16 "
+        "or AMX), or fp32 through torch.compile (compiled at load; needs a C++ compiler); the item matrix stays "
+        "fp32",
     )
     retrieval: Retrieval = Field(
         "exact",
-        description="top-k over every item (exact), or over a faiss index: ivf (inverted file) or hnsw (graph), "
-        "read from the model folder (`rec-serve index`) or built at load; popularity_penalty and diversity "
-        "need exact",
+        description="top-k over every item (exact), or over a faiss index: ivf (inverted file), hnsw (graph), or "
+        "every item with the item vectors stored in fp16 or int8; the index is read from the model folder "
+        "(`rec-serve index`) or built at load; popularity_penalty and diversity need exact",
     )
     events: str = Field(
         "memory",
@@ -239,7 +240,7 @@ class ModelBody(BaseModel):
     num_items: int
     num_users: int
     max_seq_len: int
-    user_tower: str = Field(description="precision histories are encoded in (fp32 or bf16)")
+    user_tower: str = Field(description="how histories are encoded (fp32, bf16 or compiled)")
     events: str = Field(description="where POST /v1/events keeps events: memory, redis or none")
     state_cache: dict[str, int] | None = Field(
         description="the encoder-state cache of this replica (users, bytes, hits, extended, encoded, evicted); "

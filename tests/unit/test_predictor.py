@@ -175,5 +175,38 @@ def test_a_bf16_user_tower_ranks_as_fp32_does_up_to_rounding(folder: Path, predi
     pairs = zip(predictor.recommend_batch(requests), bf16.recommend_batch(requests), strict=True)
     overlap = [len(set(ids(a)) & set(ids(b))) / 10 for a, b in pairs]
     assert sum(overlap) / len(overlap) >= 0.9, overlap
-    with pytest.raises(ValueError, match="user_tower='int4' is not one of fp32, bf16"):
+    with pytest.raises(ValueError, match="user_tower='int4' is not one of fp32, bf16, compiled"):
         Predictor.load(str(folder), user_tower="int4")
+
+
+def test_a_compiled_user_tower_is_fp32_and_compiled_at_load(folder: Path, predictor: Predictor) -> None:
+    from torch._dynamo.utils import counters
+
+    compiled = Predictor.load(str(folder), user_tower="compiled")
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and compiled.describe()["user_tower"] == "compiled"
+    users = [f"u{u}" for u in range(1, 50)]
+    for batch in ([users[0]], users[:5], users):  # 1, 5 and 49 histories of mixed lengths
+        input_ids, mask = pad_left([predictor.histories[u] for u in batch], predictor.max_seq_len)
+        torch.testing.assert_close(compiled.encode(input_ids, mask), predictor.encode(input_ids, mask))
+    one = torch.tensor([[7]])  # a history of one item: padded to two positions, the same vector
+    torch.testing.assert_close(
+        compiled.encode(one, torch.ones_like(one)), predictor.encode(one, torch.ones_like(one))
+    )
+    assert counters["stats"]["unique_graphs"] == graphs  # no request compiled anything
+    requests = [RecommendRequest(user_id=u, k=10) for u in users]
+    pairs = zip(predictor.recommend_batch(requests), compiled.recommend_batch(requests), strict=True)
+    assert sum(ids(a) == ids(b) for a, b in pairs) / len(users) >= 0.99
+
+
+def test_a_user_tower_that_cannot_compile_fails_at_load(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch._inductor.config
+
+    torch._dynamo.reset()  # nothing compiled before is reused
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
+    with pytest.raises(ModelFolderError, match="could not compile the user tower .*No working C.. compiler"):
+        Predictor.load(str(folder), user_tower="compiled")

@@ -42,9 +42,11 @@ def test_serve_args_errors_name_the_key() -> None:
         validate(ServeArgs, {"model": "/m", "autoscaling": {"min_replicas": 3, "max_replicas": 1}})
     with pytest.raises(ConfigError, match="model: Field required"):
         validate(ServeArgs, {})
-    with pytest.raises(ConfigError, match="user_tower: Input should be 'fp32' or 'bf16'"):
+    with pytest.raises(ConfigError, match="user_tower: Input should be 'fp32', 'bf16' or 'compiled'"):
         validate(ServeArgs, {"model": "/m", "user_tower": "int8"})
-    with pytest.raises(ConfigError, match="retrieval: Input should be 'exact', 'ivf' or 'hnsw'"):
+    with pytest.raises(
+        ConfigError, match="retrieval: Input should be 'exact', 'ivf', 'hnsw', 'fp16' or 'int8'"
+    ):
         validate(ServeArgs, {"model": "/m", "retrieval": "lsh"})
     with pytest.raises(ConfigError, match="nprobe: Input should be greater than or equal to 1"):
         validate(ServeArgs, {"model": "/m", "retrieval": "ivf", "nprobe": 0})
