@@ -1,17 +1,20 @@
 """Closed-loop HTTP load on the Serve endpoint beside an echo deployment, printing ONE JSON line of figures.
 
-    python benchmarks/serve_load.py [--model MODEL] [--seconds 12] [--concurrency 1 16 64]
-                                    [--variants batching no_batching bf16 state_cache]
+    python benchmarks/serve_load.py [--model MODEL | --items 1000000] [--seconds 12] [--concurrency 1 16 64]
+                                    [--variants batching no_batching bf16 compiled state_cache ivf fp16]
+                                    [--wrk] [--plot latency.png]
 
 The model: an exported one (`--model`, e.g. `ml-1m.yaml`'s), or by default one of the MovieLens-1M size
-(`build_config("ml-1m")`: 3,706 items, 2 blocks of width 64, histories up to 200 items, 6,040 users) with
-random weights: serving cost depends on the sizes, not on what the weights learned. One replica on a local
-Ray, and in the same cluster a bare Serve deployment (`/echo`) that only returns the JSON body it gets: the
-framework's own ceiling. For the echo and each variant of the app (`batching`: max_batch_size 32;
-`no_batching`: 1; `bf16`: `--user-tower bf16`; `state_cache`: `--state-cache-mb 256`) and each
+(`build_config("ml-1m")`: 3,706 items, or `--items`; 2 blocks of width 64, histories up to 200 items, 6,040
+users) with random weights: serving cost depends on the sizes, not on what the weights learned. One replica
+on a local Ray, and in the same cluster a bare Serve deployment (`/echo`) that only returns the JSON body it
+gets: the framework's own ceiling. For the echo and each variant of the app (`batching`: max_batch_size 32;
+`no_batching`: 1; `bf16` / `compiled`: `--user-tower bf16 | compiled`; `state_cache`: `--state-cache-mb
+256`; `ivf` / `fp16`: `--retrieval ivf | fp16`, the index built when the replica loads) and each
 concurrency, a separate client process (aiohttp, keep-alive, asyncio) keeps that many requests in flight
 for a fixed time over loopback and reports requests per second, latency percentiles, errors and its own
-CPU use; the mean batch size comes from the replica's /v1/model stats. Ratios against the echo at the same
+CPU use (with `--wrk`, `wrk` then does the same, one thread and that many keep-alive connections, under
+"wrk"); the mean batch size comes from the replica's /v1/model stats. Ratios against the echo at the same
 concurrency close the line.
 """
 
@@ -22,6 +25,8 @@ import asyncio
 import json
 import os
 import random
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -91,6 +96,57 @@ async def closed_loop(url: str, concurrency: int, seconds: float, users: list[st
     }
 
 
+WRK_SCRIPT = """
+local users = {}
+for line in io.lines(os.getenv("RAYREC_USERS_FILE")) do users[#users + 1] = line end
+math.randomseed(1)
+request = function()
+  local body = '{"user_id": "' .. users[math.random(#users)] .. '", "k": 10}'
+  return wrk.format("POST", nil, {["Content-Type"] = "application/json"}, body)
+end
+"""
+
+
+def _wrk_ms(value: str) -> float:
+    """A wrk duration ('850.00us', '2.10ms', '1.02s') in milliseconds."""
+    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3), ("m", 6e4)):
+        if value.endswith(unit):
+            return round(float(value[: -len(unit)]) * scale, 2)
+    raise ValueError(f"wrk printed a latency without a unit: {value!r}")
+
+
+def run_wrk(url: str, concurrency: int, seconds: float, users_file: str, script: str) -> dict[str, Any]:
+    """The same closed loop from `wrk` (one thread, `concurrency` keep-alive connections, `--latency`)."""
+    target = url if url.endswith("/echo") else f"{url}/v1/recommend"
+    command = [
+        "wrk",
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "--timeout",
+        "60s",
+        "-s",
+        script,
+        target,
+    ]
+    env = {**os.environ, "RAYREC_USERS_FILE": users_file}
+    out = subprocess.run(
+        command, capture_output=True, text=True, check=True, timeout=seconds + 60, env=env
+    ).stdout
+    percentiles = dict(re.findall(r"^\s*(50|90|99)%\s+(\S+)\s*$", out, flags=re.M))
+    if len(percentiles) < 3:
+        raise RuntimeError(f"wrk printed no latency distribution:\n{out}")
+    failed = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        **{f"p{p}_ms": _wrk_ms(percentiles[p]) for p in ("50", "90", "99")},
+        "errors": int(failed.group(1) if failed else 0)
+        + sum(map(int, socket_errors.groups() if socket_errors else ())),
+    }
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -111,7 +167,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "batching": {"max_batch_size": 32},
     "no_batching": {"max_batch_size": 1},
     "bf16": {"max_batch_size": 32, "user_tower": "bf16"},
+    "compiled": {"max_batch_size": 32, "user_tower": "compiled"},
     "state_cache": {"max_batch_size": 32, "state_cache_mb": 256},
+    "ivf": {"max_batch_size": 32, "retrieval": "ivf"},
+    "fp16": {"max_batch_size": 32, "retrieval": "fp16"},
 }
 
 
@@ -134,6 +193,27 @@ def serving_stats(url: str) -> dict[str, Any]:
     return httpx.get(f"{url}/v1/model", timeout=60).json()["serving"]
 
 
+def plot_latency(figures: dict[str, Any], variants: list[str], path: str) -> None:
+    """Median and p99 latency against requests in flight, the echo and every variant, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = {"echo (Serve's ceiling)": figures["echo"], **{v: figures[v]["levels"] for v in variants}}
+    for n, (label, rows) in enumerate(series.items()):
+        x = [row["concurrency"] for row in rows]
+        line = ax.plot(x, [row["p50_ms"] for row in rows], marker="o", label=f"{label} p50", color=f"C{n}")
+        ax.plot(x, [row["p99_ms"] for row in rows], ls="--", marker="x", color=line[0].get_color(), alpha=0.6)
+    ax.set(xscale="log", yscale="log", xlabel="requests in flight", ylabel="latency, ms (dashed: p99)")
+    ax.set_title(f"/v1/recommend, {figures['num_items']:,} items, 1 replica", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="exported model folder (default: a random model of the ml-1m size)")
@@ -141,6 +221,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--num-users", type=int, default=6040, help="users of the random model")
+    parser.add_argument("--items", type=int, default=3706, help="items of the random model")
+    parser.add_argument("--wrk", action="store_true", help="also measure every level with wrk (on PATH)")
+    parser.add_argument("--plot", help="also write the latency plot to this PNG")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--users-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -149,6 +232,8 @@ def main() -> None:
         print(json.dumps(asyncio.run(closed_loop(args.client, args.concurrency[0], args.seconds, users))))
         return
 
+    if args.wrk and shutil.which("wrk") is None:
+        parser.error("--wrk needs wrk on PATH (Debian/Ubuntu: apt install wrk)")
     import ray
     import torch
     from ray import serve
@@ -163,14 +248,21 @@ def main() -> None:
         folder, described = Path(args.model), "exported: " + args.model
     else:
         torch.manual_seed(0)
-        folder, described = work / "ml-1m-random", "ml-1m size, random weights"
-        config = build_config("ml-1m")
+        folder, described = work / "ml-1m-random", f"ml-1m size with {args.items} items, random weights"
+        config = build_config("ml-1m", num_items=args.items)
         write_exported_model(
             folder, RecModel(config), num_users=args.num_users, max_history=config.max_seq_len
         )
     predictor = Predictor.load(str(folder))
     users_file = work / "users.txt"
     users_file.write_text("\n".join(u for u, h in predictor.histories.items() if h))
+    wrk_script = work / "recommend.lua"
+    wrk_script.write_text(WRK_SCRIPT)
+
+    def with_wrk(row: dict[str, Any], target: str, concurrency: int) -> dict[str, Any]:
+        if args.wrk:
+            row["wrk"] = run_wrk(target, concurrency, args.seconds, str(users_file), str(wrk_script))
+        return row
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -180,7 +272,11 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(echo_app(), name="echo", route_prefix="/echo")
         results["echo"] = [
-            {"concurrency": c, **run_client(f"{url}/echo", c, args.seconds, str(users_file))}
+            with_wrk(
+                {"concurrency": c, **run_client(f"{url}/echo", c, args.seconds, str(users_file))},
+                f"{url}/echo",
+                c,
+            )
             for c in args.concurrency
         ]
         print(f"echo {results['echo']}", file=sys.stderr, flush=True)
@@ -203,11 +299,15 @@ def main() -> None:
                     - before["mean_batch_size"] * before["batches"]
                 )
                 rows.append(
-                    {
-                        "concurrency": concurrency,
-                        **row,
-                        "mean_batch_size": round(batched / max(1, batches), 2),
-                    }
+                    with_wrk(
+                        {
+                            "concurrency": concurrency,
+                            **row,
+                            "mean_batch_size": round(batched / max(1, batches), 2),
+                        },
+                        url,
+                        concurrency,
+                    )
                 )
                 print(f"{label} {rows[-1]}", file=sys.stderr, flush=True)
             results[label] = {"settings": VARIANTS[label], "levels": rows}
@@ -222,22 +322,33 @@ def main() -> None:
             str(row["concurrency"]): {
                 "p50_vs_echo": round(row["p50_ms"] / max(echo[row["concurrency"]]["p50_ms"], 1e-9), 2),
                 "rps_vs_echo": round(row["rps"] / max(echo[row["concurrency"]]["rps"], 1e-9), 2),
+                **(
+                    {
+                        "wrk_p50_vs_echo": round(
+                            row["wrk"]["p50_ms"] / max(echo[row["concurrency"]]["wrk"]["p50_ms"], 1e-9), 2
+                        ),
+                        "wrk_rps_vs_echo": round(
+                            row["wrk"]["rps"] / max(echo[row["concurrency"]]["wrk"]["rps"], 1e-9), 2
+                        ),
+                    }
+                    if args.wrk
+                    else {}
+                ),
             }
             for row in results[label]["levels"]
         }
         for label in args.variants
     }
-    print(
-        json.dumps(
-            {
-                "benchmark": "serve_load", "model": described, "num_items": predictor.num_items,
-                "num_users": len(predictor.histories), "max_seq_len": predictor.max_seq_len, "replicas": 1,
-                "seconds_per_level": args.seconds, "cpu_cores": os.cpu_count(),
-                "load_average_1m": round(os.getloadavg()[0], 1), "torch": torch.__version__, "ray": ray.__version__,
-                **results, "ratios": ratios,
-            }
-        )
-    )  # fmt: skip
+    figures = {
+        "benchmark": "serve_load", "model": described, "num_items": predictor.num_items,
+        "num_users": len(predictor.histories), "max_seq_len": predictor.max_seq_len, "replicas": 1,
+        "seconds_per_level": args.seconds, "cpu_cores": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 1), "torch": torch.__version__, "ray": ray.__version__,
+        **results, "ratios": ratios,
+    }  # fmt: skip
+    if args.plot:
+        plot_latency(figures, args.variants, args.plot)
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
