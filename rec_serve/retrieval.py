@@ -5,9 +5,9 @@ score -inf (id 0) past the candidates there are.
 - `exact`: a product with every item vector; the default, and right for catalogues up to about a million.
 - `ivf`, `hnsw`: a faiss index (inner product) over the item vectors: an inverted file of `nlist` k-means
   cells of which `nprobe` are searched, or an HNSW graph of `hnsw_m` links searched with `ef_search`.
-- `fp16`, `int8`: every item scored, as `exact`, with the item vectors stored in 2 or 1 bytes per value
-  (a faiss scalar quantizer; int8 with a per-dimension range learnt from the items): a half or a quarter
-  of the item matrix's memory.
+- `fp16`, `int8`: every item scored, as `exact`, from item vectors stored in 2 or 1 bytes per value (a
+  faiss scalar quantizer; int8 with a per-dimension range learnt from the items): a half or a quarter of
+  the bytes a search reads, scores rounded accordingly.
 
 An index is stored in the model folder as `index-KIND.faiss` next to `index-KIND.json` (model version,
 items, width, build parameters): `rec-serve index` writes it after export; a replica that finds none (or
