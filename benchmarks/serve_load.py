@@ -42,14 +42,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # ---------------------------------------------------------------- client (its own process)
 
 
+def endpoint(url: str) -> str:
+    """Where the load goes: `url` itself for the echo deployment, else its /v1/recommend."""
+    return url if url.endswith("/echo") else f"{url}/v1/recommend"
+
+
 async def closed_loop(url: str, concurrency: int, seconds: float, users: list[str]) -> dict[str, Any]:
-    """`concurrency` workers, each sending its next request as soon as the last one is answered (to
-    `url`/v1/recommend, or to `url` itself when it ends in /echo)."""
+    """`concurrency` workers, each sending its next request to `endpoint(url)` as soon as the last one is
+    answered."""
     import aiohttp
 
     latencies: list[float] = []
     errors = 0
-    target = url if url.endswith("/echo") else f"{url}/v1/recommend"
+    target = endpoint(url)
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
 
@@ -117,7 +122,6 @@ def _wrk_ms(value: str) -> float:
 
 def run_wrk(url: str, concurrency: int, seconds: float, users_file: str, script: str) -> dict[str, Any]:
     """The same closed loop from `wrk` (one thread, `concurrency` keep-alive connections, `--latency`)."""
-    target = url if url.endswith("/echo") else f"{url}/v1/recommend"
     command = [
         "wrk",
         "-t1",
@@ -128,7 +132,7 @@ def run_wrk(url: str, concurrency: int, seconds: float, users_file: str, script:
         "60s",
         "-s",
         script,
-        target,
+        endpoint(url),
     ]
     env = {**os.environ, "RAYREC_USERS_FILE": users_file}
     out = subprocess.run(
@@ -193,6 +197,16 @@ def serving_stats(url: str) -> dict[str, Any]:
     return httpx.get(f"{url}/v1/model", timeout=60).json()["serving"]
 
 
+def against_echo(row: dict[str, Any], echo: dict[str, Any]) -> dict[str, float]:
+    """Median latency and requests/s of one level over the echo's at the same concurrency, per client."""
+    clients = [("", row, echo)] + ([("wrk_", row["wrk"], echo["wrk"])] if "wrk" in row else [])
+    return {
+        f"{prefix}{key}_vs_echo": round(mine[field] / max(theirs[field], 1e-9), 2)
+        for prefix, mine, theirs in clients
+        for key, field in (("p50", "p50_ms"), ("rps", "rps"))
+    }
+
+
 def plot_latency(figures: dict[str, Any], variants: list[str], path: str) -> None:
     """Median and p99 latency against requests in flight, the echo and every variant, one PNG."""
     import matplotlib
@@ -234,14 +248,15 @@ def main() -> None:
 
     if args.wrk and shutil.which("wrk") is None:
         parser.error("--wrk needs wrk on PATH (Debian/Ubuntu: apt install wrk)")
+    import pyarrow.parquet as pq
     import ray
     import torch
     from ray import serve
 
     from rec_serve.app import APP_NAME, build_app
-    from rec_serve.predictor import Predictor
     from rec_serve.synthetic import write_exported_model
-    from rec_train.model import RecModel, build_config
+    from rec_train import exported
+    from rec_train.model import RecConfig, RecModel, build_config
 
     work = Path(tempfile.mkdtemp(prefix="rayrec-bench-"))
     if args.model:
@@ -253,9 +268,13 @@ def main() -> None:
         write_exported_model(
             folder, RecModel(config), num_users=args.num_users, max_history=config.max_seq_len
         )
-    predictor = Predictor.load(str(folder))
+    histories = pq.read_table(folder / exported.HISTORIES_FILE, columns=["user_id", "items"])
+    known = [
+        u for u, h in zip(*(histories.column(c).to_pylist() for c in ("user_id", "items")), strict=True) if h
+    ]
+    served = RecConfig.from_pretrained(str(folder))  # the model's sizes, for the JSON line
     users_file = work / "users.txt"
-    users_file.write_text("\n".join(u for u, h in predictor.histories.items() if h))
+    users_file.write_text("\n".join(known))
     wrk_script = work / "recommend.lua"
     wrk_script.write_text(WRK_SCRIPT)
 
@@ -319,29 +338,14 @@ def main() -> None:
     echo = {row["concurrency"]: row for row in results["echo"]}
     ratios = {
         label: {
-            str(row["concurrency"]): {
-                "p50_vs_echo": round(row["p50_ms"] / max(echo[row["concurrency"]]["p50_ms"], 1e-9), 2),
-                "rps_vs_echo": round(row["rps"] / max(echo[row["concurrency"]]["rps"], 1e-9), 2),
-                **(
-                    {
-                        "wrk_p50_vs_echo": round(
-                            row["wrk"]["p50_ms"] / max(echo[row["concurrency"]]["wrk"]["p50_ms"], 1e-9), 2
-                        ),
-                        "wrk_rps_vs_echo": round(
-                            row["wrk"]["rps"] / max(echo[row["concurrency"]]["wrk"]["rps"], 1e-9), 2
-                        ),
-                    }
-                    if args.wrk
-                    else {}
-                ),
-            }
+            str(row["concurrency"]): against_echo(row, echo[row["concurrency"]])
             for row in results[label]["levels"]
         }
         for label in args.variants
     }
     figures = {
-        "benchmark": "serve_load", "model": described, "num_items": predictor.num_items,
-        "num_users": len(predictor.histories), "max_seq_len": predictor.max_seq_len, "replicas": 1,
+        "benchmark": "serve_load", "model": described, "num_items": served.num_items,
+        "num_users": histories.num_rows, "max_seq_len": served.max_seq_len, "replicas": 1,
         "seconds_per_level": args.seconds, "cpu_cores": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 1), "torch": torch.__version__, "ray": ray.__version__,
         **results, "ratios": ratios,
