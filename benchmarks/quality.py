@@ -323,6 +323,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=None, help="also append each JSON line to this file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
+    return training_args(parser)
+
+
+def training_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The parsed arguments of a script that trains through `run_protocol` (--config, --time-budget-min,
+    --max-seq-len, the overrides), checked; `settings` = the overrides, then --max-seq-len's."""
     args = parser.parse_intermixed_args()
     args.config = str(Path(args.config).resolve())
     if args.time_budget_min is not None and args.time_budget_min <= 0:
@@ -331,21 +337,26 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--max-seq-len must be positive, got {args.max_seq_len}")
     if any(o.startswith("train.seed=") for o in args.overrides):
         parser.error("pass seeds with --seeds, not train.seed=")
-    # the training config's overrides: key=value, then --max-seq-len
     args.settings = [*args.overrides]
     args.settings += [f"model.overrides.max_seq_len={args.max_seq_len}"] if args.max_seq_len else []
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def start(args: argparse.Namespace) -> tuple[Path, Path, TrainConfig, list[int]]:
+    """(work dir, its runs folder, the config checked before any data is read, the seeds to run), with the
+    folders made."""
     work = args.work_dir.resolve()
     runs = work / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
     checked = load_config(TrainConfig, args.config, [*args.settings, "data.path=."])  # bad keys fail here
-    seeds = args.seeds or [checked.train.seed]
+    return work, runs, checked, args.seeds or [checked.train.seed]
+
+
+def main() -> None:
+    args = parse_args()
+    work, runs, checked, seeds = start(args)
 
     dataset, data = prepare_dataset(args.data_dir, work)
     sequences = read_sequences(data)

@@ -243,7 +243,8 @@ class Predictor:
         self.retriever = make_retriever(retrieval, matrix, index_params, folder, self.model_version, writable)
         usable = state_cache_mb > 0 and model.keeps_user_state and user_tower == "fp32"
         self.states = StateCache(model, int(state_cache_mb * 2**20)) if usable else None
-        self.item_unit = torch.nn.functional.normalize(matrix, dim=-1)  # [num_items + 1, d]
+        # cosines of similar_items from the norms, not a unit copy of the (possibly multi-GB) item matrix
+        self.item_norms = matrix.norm(dim=-1).clamp_min(1e-12)  # [num_items + 1]
         # Unit item text vectors for `diversity`, [num_items + 1, text_dim]; None for a model without text.
         self.text_unit = unit_rows(model.items.text_table()) if model.config.uses_text else None
 
@@ -481,7 +482,7 @@ class Predictor:
         index = self.item_index.get(item_id)
         if index is None:
             raise NotFoundError(f"unknown item_id {item_id!r}; GET /v1/items/{{item_id}} lists what is known")
-        sims = self.item_unit @ self.item_unit[index]  # [num_items + 1]
+        sims = (self.item_matrix @ self.item_matrix[index]) / (self.item_norms * self.item_norms[index])
         sims[0] = -math.inf
         sims[index] = -math.inf
         top_sims, top_ids = (
