@@ -186,6 +186,22 @@ class DeepSpeedSection(StrictModel):
     offload_optimizer: bool = Field(False, description="keep optimizer states in CPU memory (ZeRO >= 1)")
     offload_params: bool = Field(False, description="keep parameters in CPU memory (ZeRO-3 only)")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    bucket_elements: int | None = Field(
+        None,
+        ge=1,
+        description="elements per gradient-reduce, all-gather and ZeRO-3 prefetch bucket and optimizer "
+        "sub-group; null: hidden_size squared, at least 5e6 (DeepSpeed's own 5e8 and 1e9 hold the gradients "
+        "and AdamW temporaries of a whole model of that size at once)",
+    )
+    max_live_parameters: int | None = Field(
+        None, ge=0, description="ZeRO-3: the most parameters gathered at once; null: 2 buckets"
+    )
+    max_reuse_distance: int | None = Field(
+        None,
+        ge=0,
+        description="ZeRO-3: a gathered parameter is kept when it is used again within this many parameters; "
+        "null: one bucket (DeepSpeed's own 1e9 keeps a whole model of up to 1e9 parameters gathered)",
+    )
 
     @model_validator(mode="after")
     def _check_offload(self) -> DeepSpeedSection:

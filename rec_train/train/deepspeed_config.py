@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from typing import Any
 
 from rec_train.train.config import TrainConfig
@@ -14,13 +16,60 @@ def use_bf16(config: TrainConfig, on_gpu: bool) -> bool:
     return config.deepspeed.precision == "bf16"
 
 
-def deepspeed_config(config: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+MIN_BUCKET_ELEMENTS = 5_000_000
+M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 64 * 1024  # glibc's mallopt parameter and the value set
+
+
+def return_freed_memory(config: TrainConfig, on_gpu: bool) -> bool:
+    """Under ZeRO-3 on CPU workers, make glibc serve every allocation of 64 KiB or more from its own
+    mapping, so memory freed after use goes back to the system instead of staying in the heap: the full
+    weights freed when ZeRO-3 partitions the model (4 bytes per parameter) and the step's temporaries.
+    glibc otherwise raises its threshold to the size of the largest block freed (up to 32 MiB) and keeps
+    what is freed below it. Only for ZeRO-3, which is chosen to save memory: a mapping per large tensor
+    costs page faults on every step. Call before the model is built; False where glibc is not the
+    allocator."""
+    if on_gpu or config.deepspeed.zero_stage != 3:
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def bucket_elements(config: TrainConfig, hidden_size: int) -> int:
+    """Elements per ZeRO bucket: the config's, else hidden_size squared (Hugging Face's "auto"), at least
+    MIN_BUCKET_ELEMENTS so that a small model still reduces its gradients in one or a few collectives."""
+    return config.deepspeed.bucket_elements or max(hidden_size * hidden_size, MIN_BUCKET_ELEMENTS)
+
+
+def deepspeed_config(config: TrainConfig, world_size: int, on_gpu: bool, hidden_size: int) -> dict[str, Any]:
     """DeepSpeed's dict for this run. The optimizer and scheduler are built by the loop (AdamW, warm-up +
-    cosine) and handed to `deepspeed.initialize`, so only batch, precision, clipping and ZeRO live here."""
+    cosine) and handed to `deepspeed.initialize`, so only batch, precision, clipping and ZeRO live here.
+
+    The buckets are sized to the model (`bucket_elements`), and so are ZeRO-3's optimizer sub-groups:
+    DeepSpeed steps the optimizer on one flat fp32 tensor per sub-group (default 1e9 elements), and
+    AdamW's temporaries are the size of that tensor (2 x 4 bytes per parameter of the partition at once)."""
     ds = config.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
-        zero.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_scatter=True)
+        bucket = bucket_elements(config, hidden_size)
+        zero.update(
+            overlap_comm=on_gpu, contiguous_gradients=True, reduce_scatter=True,
+            reduce_bucket_size=bucket, allgather_bucket_size=bucket,
+        )  # fmt: skip
+        if ds.zero_stage == 3:
+            live = 2 * bucket if ds.max_live_parameters is None else ds.max_live_parameters
+            reuse = bucket if ds.max_reuse_distance is None else ds.max_reuse_distance
+            zero.update(
+                sub_group_size=bucket,
+                stage3_prefetch_bucket_size=bucket,
+                stage3_max_live_parameters=live,
+                stage3_max_reuse_distance=reuse,
+            )
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if ds.offload_params:
@@ -35,6 +84,8 @@ def deepspeed_config(config: TrainConfig, world_size: int, on_gpu: bool) -> dict
         "bf16": {"enabled": use_bf16(config, on_gpu)},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        # offload steps the loop's torch AdamW on the CPU copies (DeepSpeedCPUAdam would need a C++ build)
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

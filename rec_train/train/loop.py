@@ -32,7 +32,7 @@ from rec_train.model import RecConfig
 from rec_train.train import checkpoint as ckpt
 from rec_train.train.batches import grouped_by_length, pointwise_batch, position_share, training_batch
 from rec_train.train.config import TrainConfig
-from rec_train.train.deepspeed_config import deepspeed_config
+from rec_train.train.deepspeed_config import deepspeed_config, return_freed_memory
 from rec_train.train.evaluate import model_scores, pointwise_predictions, rank_split, text_vectors
 from rec_train.train.metrics import (
     Catalogue,
@@ -171,6 +171,7 @@ def setup(payload: dict[str, Any]) -> Worker:
     torch.set_num_threads(config.train.torch_threads or max(1, int(config.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
+    return_freed_memory(config, on_gpu)
 
     torch.manual_seed(config.train.seed)
     popularity = {k: np.asarray(v, dtype=np.int64) for k, v in payload["popularity"].items()}
@@ -205,7 +206,7 @@ def setup(payload: dict[str, Any]) -> Worker:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(config, world, on_gpu), dist_init_required=False,
+        config=deepspeed_config(config, world, on_gpu, model_config.hidden_size), dist_init_required=False,
     )  # fmt: skip
     seed = config.train.seed + 1000 * rank
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)

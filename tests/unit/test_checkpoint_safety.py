@@ -76,7 +76,7 @@ def make_engine(stage: int, *overrides: str, seed: int = 0) -> tuple[TrainConfig
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(10, 0.0, 0.1))
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(config, 1, on_gpu=False), dist_init_required=False,
+        config=deepspeed_config(config, 1, on_gpu=False, hidden_size=32), dist_init_required=False,
     )  # fmt: skip
     return config, engine, model_config
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,7 @@ def test_deepspeed_dict_is_derived_from_the_typed_config() -> None:
         {"data": {"path": "d"}, "train": {"batch_size": 8, "grad_accum": 4}, "optim": {"grad_clip": 0.5},
          "deepspeed": {"zero_stage": 3, "offload_optimizer": True, "offload_params": True}}
     )  # fmt: skip
-    cpu = deepspeed_config(config, world_size=2, on_gpu=False)
+    cpu = deepspeed_config(config, world_size=2, on_gpu=False, hidden_size=64)
     assert cpu["train_batch_size"] == 8 * 4 * 2
     assert cpu["train_micro_batch_size_per_gpu"] == 8 and cpu["gradient_accumulation_steps"] == 4
     assert cpu["gradient_clipping"] == 0.5
@@ -38,9 +40,33 @@ def test_deepspeed_dict_is_derived_from_the_typed_config() -> None:
     assert cpu["zero_optimization"]["stage"] == 3
     assert cpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert cpu["zero_optimization"]["offload_param"]["device"] == "cpu"
-    assert deepspeed_config(config, world_size=1, on_gpu=True)["bf16"] == {"enabled": True}
+    assert cpu["zero_force_ds_cpu_optimizer"] is False  # offload steps the loop's AdamW
+    assert deepspeed_config(config, world_size=1, on_gpu=True, hidden_size=64)["bf16"] == {"enabled": True}
     config.deepspeed.precision = "fp32"
-    assert deepspeed_config(config, world_size=1, on_gpu=True)["bf16"] == {"enabled": False}
+    assert deepspeed_config(config, world_size=1, on_gpu=True, hidden_size=64)["bf16"] == {"enabled": False}
+
+
+def test_zero_buckets_follow_the_model_width_unless_set() -> None:
+    """hidden_size squared (at least 5e6) per bucket, the ZeRO-3 reuse distance one bucket, 2 live: so
+    ZeRO-3 releases a block of a wide model after its use instead of holding the whole model gathered."""
+    config = TrainConfig.model_validate({"data": {"path": "d"}, "deepspeed": {"zero_stage": 3}})
+    small, wide = (deepspeed_config(config, 2, False, h)["zero_optimization"] for h in (64, 4096))
+    assert small["reduce_bucket_size"] == small["allgather_bucket_size"] == 5_000_000
+    assert wide["reduce_bucket_size"] == wide["stage3_prefetch_bucket_size"] == 4096**2
+    assert wide["stage3_max_reuse_distance"] == wide["sub_group_size"] == 4096**2
+    assert wide["stage3_max_live_parameters"] == 2 * 4096**2
+    config = TrainConfig.model_validate(
+        {"data": {"path": "d"},
+         "deepspeed": {"zero_stage": 3, "bucket_elements": 1000, "max_live_parameters": 0, "max_reuse_distance": 7}}
+    )  # fmt: skip
+    zero = deepspeed_config(config, 2, False, 4096)["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_max_live_parameters"], zero["stage3_max_reuse_distance"]) == (
+        1000, 0, 7,
+    )  # fmt: skip
+    stage0 = TrainConfig.model_validate({"data": {"path": "d"}, "deepspeed": {"zero_stage": 0}})
+    assert deepspeed_config(stage0, 2, False, 4096)["zero_optimization"] == {"stage": 0}
+    with pytest.raises(ConfigError, match="bucket_elements"):
+        load_config(TrainConfig, None, ["data.path=d", "deepspeed.bucket_elements=0"])
 
 
 def test_bad_keys_and_values_name_the_key() -> None:
@@ -281,3 +307,21 @@ def test_local_paths_are_made_absolute_for_the_workers(
     remote = absolute_paths(load_config(TrainConfig, None, ["data.path=s3://bucket/data/", "run.tracking=mlflow",
                                                              "run.tracking_uri=databricks"]))  # fmt: skip
     assert remote.data.path == "s3://bucket/data" and remote.run.tracking_uri == "databricks"
+
+
+@pytest.mark.parametrize(
+    ("stage", "on_gpu", "expected"), [(3, False, True), (2, False, False), (3, True, False)]
+)
+def test_freed_memory_goes_back_to_the_system_under_zero3_on_cpu(
+    stage: int, on_gpu: bool, expected: bool
+) -> None:
+    """glibc's mmap threshold is fixed (mallopt) only for ZeRO-3 on CPU workers; in a child process, as
+    it changes the allocator of the process that calls it."""
+    code = (
+        "from rec_train.train.config import TrainConfig;"
+        "from rec_train.train.deepspeed_config import return_freed_memory;"
+        f"c = TrainConfig.model_validate({{'data': {{'path': 'd'}}, 'deepspeed': {{'zero_stage': {stage}}}}});"
+        f"print(return_freed_memory(c, {on_gpu}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(expected)

@@ -81,7 +81,7 @@ def test_one_epoch_of_a_real_engine_trains_every_batch_and_reports_the_all_reduc
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(40, 0.0, 0.1))
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(config, 1, on_gpu=False), dist_init_required=False,
+        config=deepspeed_config(config, 1, on_gpu=False, hidden_size=32), dist_init_required=False,
     )  # fmt: skip
     worker = Worker(
         config, 0, torch.device("cpu"), engine, scheduler, model.config, "unused", {}, 0, None, None, None
