@@ -54,7 +54,6 @@ from rec_train.train.launch import training_window
 from rec_train.train.metrics import Catalogue, RankingAccumulator, summarise
 from rec_train.train.saved_model import load_model
 
-GROUPS = ("cold_full", "cold_only", "warm_full")
 ALIGNED = ("items", "timestamps", "values", "event_types")  # per-event lists, in the order of `items`
 COLD_FILE = "cold_items.json"
 
@@ -192,9 +191,9 @@ def user_groups(sequences: pa.Table, cold: np.ndarray, num_items: int) -> dict[s
     }
 
 
-def baselines(data: str, sequences: pa.Table, groups: dict, num_items: int, ks: list[int]) -> dict[str, Any]:
-    """Popularity and the text-content baseline on every group."""
-    popularity = split_popularity(sequences, "test", num_items)
+def baselines(data: str, popularity: torch.Tensor, groups: dict, ks: list[int]) -> dict[str, Any]:
+    """Popularity (events per item [N + 1] a model could learn from) and the text-content baseline on every
+    group."""
     text, _ = read_item_text_embeddings(data)
     unit = F.normalize(text.float(), dim=-1)
     unit[0] = 0.0
@@ -236,21 +235,22 @@ def main() -> None:
     sequences = read_sequences(data)
     num_items = int(pa.compute.max(read_items(data)["item_index"]).as_py())
     groups = user_groups(sequences, cold, num_items)
+    popularity = split_popularity(sequences, "test", num_items)
     ks = sorted(set(checked.eval.ks))
     common = {
         "benchmark": "cold_start", "dataset": dataset, "data": data, "cold": summary, "name": args.name,
         "config": os.path.relpath(args.config, quality.REPO), "overrides": args.overrides,
-        "baselines": baselines(data, sequences, groups, num_items, ks),
+        "baselines": baselines(data, popularity, groups, ks),
     }  # fmt: skip
     config = load_config(TrainConfig, args.config, [*args.settings, f"data.path={data}"])
     max_seq_len = config.model.max_seq_len or load_manifest(data).get("max_seq_len")
     window = training_window(config, num_items, max_seq_len, None)
     rows = trainable_rows(sequences, include_valid=False, window=window).num_rows
     training_rows = {"strict": rows, "published": rows}  # run_protocol reads the strict one
+    catalogue = Catalogue(popularity)
     for seed in seeds:
         run = quality.run_protocol("strict", seed, args, data, runs, training_rows)
         model, _ = load_model(str(Path(run["run"]) / run["checkpoint"]))
-        catalogue = Catalogue(split_popularity(sequences, "test", num_items))
         model.eval()
         figures = group_figures(
             model_scores(model), groups, catalogue, ks, model.config.max_seq_len, checked.eval.batch_size

@@ -91,7 +91,8 @@ def test_baselines_rank_over_the_catalogue_or_the_cold_items(derived: tuple) -> 
     data, cold, summary, _ = derived
     sequences = read_sequences(data)
     groups = cold_start.user_groups(sequences, cold, ITEMS)
-    figures = cold_start.baselines(data, sequences, groups, ITEMS, [5, 10])
+    popularity = cold_start.split_popularity(sequences, "test", ITEMS)
+    figures = cold_start.baselines(data, popularity, groups, [5, 10])
     cold_users = summary["cold_test_users"]
     assert figures["content"]["cold_full"]["users"] == figures["content"]["cold_only"]["users"] == cold_users
     assert figures["popularity"]["warm_full"]["users"] == summary["users"] - cold_users
