@@ -1,13 +1,17 @@
 """Training throughput and memory: a plain PyTorch loop against rayrec on Ray Train + DeepSpeed.
 
     python benchmarks/train_throughput.py [--users 6040] [--epochs 2] [--memory-items 400000] [--part all]
-        (--part throughput | grouping | negatives | memory measures one of them)
+        (--part throughput | heap | grouping | negatives | memory measures one of them)
 
 Throughput: sequences per second of the MovieLens-1M model config (`--size ml-1m`) on sequences shaped
 like MovieLens-1M (6,040 users, 3,706 items, up to 200 items each; `--data` takes a prepared dataset
 instead), under (a) a single-process PyTorch loop of the same model, batches and optimizer (no Ray, no
-DeepSpeed), and rayrec with (b) 1 worker ZeRO-0, (c) 2 workers ZeRO-2, (d) 2 workers ZeRO-3. The figure
-is the last epoch's (the first pays for start-up); evaluation is not timed.
+DeepSpeed), as it runs by default and (a') started with the glibc heap settings rayrec gives its CPU
+workers (`train.cpu_heap`), and rayrec with (b) 1 worker ZeRO-0, (c) 2 workers ZeRO-2, (d) 2 workers
+ZeRO-3. The figure is the last epoch's (the first pays for start-up); evaluation is not timed.
+
+Heap: rayrec with 2 workers under ZeRO-2 and ZeRO-3, each with glibc's heap kept (`train.cpu_heap=keep`)
+and with its ZeRO stage's alternative (`glibc`, `release`): sequences per second and peak memory per worker.
 
 Length grouping: rayrec with 2 workers on random batches against batches grouped by history length
 (`data.group_by_length=50 train.loss_per=position`), same data and model, their ratio.
@@ -28,6 +32,8 @@ import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +48,7 @@ from rec_train.data.dataset import read_items, read_sequences
 from rec_train.model import RecModel, build_config, count_parameters
 from rec_train.train.batches import trainable_rows, training_batch
 from rec_train.train.config import TrainConfig
+from rec_train.train.cpu_heap import KEEP_ENV
 from rec_train.train.optim import build_optimizer
 
 SASREC_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "ml-1m-sasrec.yaml"
@@ -109,6 +116,17 @@ def plain_pytorch(data: str, config: TrainConfig, epochs: int) -> float:
     return rate
 
 
+def plain_pytorch_keep_heap(data: str, args: argparse.Namespace) -> float:
+    """`plain_pytorch` in a child process started with the heap rayrec gives its CPU workers by default
+    (`train.cpu_heap=keep`, read by glibc at start-up): what the loop itself gains from that heap."""
+    command = [sys.executable, __file__, "--part", "plain", "--data", data, "--epochs", str(args.epochs),
+               "--batch-size", str(args.batch_size)]  # fmt: skip
+    child = subprocess.run(
+        command, env={**os.environ, **KEEP_ENV}, capture_output=True, text=True, check=True
+    )
+    return json.loads(child.stdout.strip().splitlines()[-1])["plain_pytorch_seq_per_s"]
+
+
 def rayrec_run(data: str, runs: str, name: str, overrides: list[str]) -> list[dict]:
     """One rayrec training run; returns its per-epoch records."""
     from rec_train.train.launch import launch
@@ -132,7 +150,7 @@ def main() -> None:
     parser.add_argument("--memory-items", type=int, default=400_000, help="item rows of the memory model")
     parser.add_argument(
         "--part",
-        choices=["all", "throughput", "grouping", "negatives", "memory"],
+        choices=["all", "throughput", "heap", "grouping", "negatives", "memory", "plain"],
         default="all",
         help="what to measure",
     )
@@ -154,8 +172,12 @@ def main() -> None:
         "parameters": count_parameters(build_config("ml-1m"))["total"], "batch_size": args.batch_size,
     }  # fmt: skip
     base = load_config(TrainConfig, None, [f"data.path={data}", *common])
+    if args.part == "plain":
+        print(json.dumps({"plain_pytorch_seq_per_s": round(plain_pytorch(data, base, args.epochs), 1)}))
+        return
     if args.part in ("all", "throughput"):
         figures["plain_pytorch_seq_per_s"] = round(plain_pytorch(data, base, args.epochs), 1)
+        figures["plain_pytorch_keep_heap_seq_per_s"] = plain_pytorch_keep_heap(data, args)
 
     ray.init(num_cpus=max(os.cpu_count() or 1, 3), include_dashboard=False, log_to_driver=False)
     setups = {} if args.part not in ("all", "throughput") else {
@@ -163,6 +185,14 @@ def main() -> None:
         "rayrec_2w_zero2": ["scaling.num_workers=2", "deepspeed.zero_stage=2"],
         "rayrec_2w_zero3": ["scaling.num_workers=2", "deepspeed.zero_stage=3"],
     }  # fmt: skip
+    if args.part in ("all", "heap"):
+        for stage, heaps in ((2, ("glibc", "keep")), (3, ("release", "keep"))):
+            for heap in heaps:
+                setups[f"rayrec_2w_zero{stage}_heap_{heap}"] = [
+                    "scaling.num_workers=2",
+                    f"deepspeed.zero_stage={stage}",
+                    f"train.cpu_heap={heap}",
+                ]
     if args.part in ("all", "grouping"):
         random_batches = ["scaling.num_workers=2", "deepspeed.zero_stage=0", "train.torch_threads=1"]
         setups["rayrec_2w_random_batches"] = random_batches
@@ -181,6 +211,13 @@ def main() -> None:
     for key, extra in setups.items():
         records = rayrec_run(data, runs, key, [*common, *extra])
         figures[f"{key}_seq_per_s"] = round(records[-1]["sequences_per_s"], 1)
+        if "_heap_" in key:
+            figures[f"{key}_peak_mb"] = round(max(r["peak_memory_mb"] for r in records))
+    if args.part in ("all", "throughput"):
+        for plain in ("plain_pytorch", "plain_pytorch_keep_heap"):
+            figures[f"rayrec_1w_to_{plain}"] = round(
+                figures["rayrec_1w_zero0_seq_per_s"] / figures[f"{plain}_seq_per_s"], 2
+            )
     if args.part in ("all", "grouping"):
         grouped = figures["rayrec_2w_grouped_by_length_seq_per_s"]
         figures["grouped_to_random_batches"] = round(

@@ -20,9 +20,9 @@ def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES) and v}
 
 
-def worker_runtime_env() -> dict[str, Any] | None:
-    """`runtime_env` carrying `forwarded_env()`; None when there is nothing to forward."""
-    env = forwarded_env()
+def worker_runtime_env(extra: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """`runtime_env` carrying `forwarded_env()` and `extra`; None when there is nothing to set."""
+    env = {**forwarded_env(), **(extra or {})}
     return {"env_vars": env} if env else None
 
 

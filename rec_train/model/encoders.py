@@ -22,7 +22,12 @@ from transformers import BertConfig, DynamicCache, GPT2Config, LlamaConfig, Pret
 from transformers.activations import ACT2FN
 from transformers.models.bert.modeling_bert import BertLayer
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
 from rec_train.model.configuration import RecConfig
@@ -162,6 +167,8 @@ class LlamaEncoder(nn.Module):
         return self.norm(x)
 
     def extend(self, x: torch.Tensor, state: EncoderState | None) -> tuple[torch.Tensor, EncoderState]:
+        if x.shape[1] == 1:
+            return self._extend_one(x, state)
         past, positions = _positions(state, x.shape[1], x.device)
         cache = state.cache if state is not None else DynamicCache()
         allowed = extension_mask(x.shape[1], past + x.shape[1], x.device)
@@ -173,6 +180,32 @@ class LlamaEncoder(nn.Module):
             x = x + attended
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x), EncoderState(past + x.shape[1], cache)
+
+    def _extend_one(self, x: torch.Tensor, state: EncoderState | None) -> tuple[torch.Tensor, EncoderState]:
+        """`extend` by one position (a cached user's new event): each block's projections called directly,
+        the arithmetic of its own forward without the per-call overhead that dominates at one position."""
+        past, positions = _positions(state, 1, x.device)
+        cache = state.cache if state is not None else DynamicCache()
+        cos, sin = self.rotary_emb(x, positions)  # each [1, 1, head_dim]
+        for index, layer in enumerate(self.layers):  # x [1, 1, D]
+            attention, mlp = layer.self_attn, layer.mlp
+            h = layer.input_layernorm(x)
+            q, k, v = (
+                F.linear(h, p.weight, p.bias).view(1, 1, -1, attention.head_dim).transpose(1, 2)
+                for p in (attention.q_proj, attention.k_proj, attention.v_proj)
+            )  # each [1, heads, 1, head_dim]
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            keys, values = cache.update(k, v, index)  # each [1, kv_heads, past + 1, head_dim]
+            attended = F.scaled_dot_product_attention(
+                q, keys, values, scale=attention.scaling, enable_gqa=True
+            )
+            o = attention.o_proj
+            x = x + F.linear(attended.transpose(1, 2).reshape(1, 1, -1), o.weight, o.bias)
+            h = layer.post_attention_layernorm(x)
+            gate = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
+            up = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
+            x = x + F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+        return self.norm(x), EncoderState(past + 1, cache)
 
 
 class Qwen2Encoder(LlamaEncoder):

@@ -225,6 +225,13 @@ class TrainSection(StrictModel):
     )
     seed: int = Field(0, ge=0)
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per worker (default: its CPUs)")
+    cpu_heap: Literal["auto", "keep", "release", "glibc"] = Field(
+        "auto",
+        description="glibc's heap in CPU workers: keep: memory freed by a step is reused by the next (no page "
+        "faults for its large tensors; resident memory stays at its peak); release: blocks of 64 KiB or more "
+        "go back to the system when freed (less memory, slower steps); glibc: its defaults; auto: release "
+        "under ZeRO-3, keep otherwise. GPU workers keep glibc's defaults",
+    )
 
 
 class EvalSection(StrictModel):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from typing import Any
 
 from rec_train.train.config import TrainConfig
@@ -17,27 +15,6 @@ def use_bf16(config: TrainConfig, on_gpu: bool) -> bool:
 
 
 MIN_BUCKET_ELEMENTS = 5_000_000
-M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 64 * 1024  # glibc's mallopt parameter and the value set
-
-
-def return_freed_memory(config: TrainConfig, on_gpu: bool) -> bool:
-    """Under ZeRO-3 on CPU workers, make glibc serve every allocation of 64 KiB or more from its own
-    mapping, so memory freed after use goes back to the system instead of staying in the heap: the full
-    weights freed when ZeRO-3 partitions the model (4 bytes per parameter) and the step's temporaries.
-    glibc otherwise raises its threshold to the size of the largest block freed (up to 32 MiB) and keeps
-    what is freed below it. Only for ZeRO-3, which is chosen to save memory: a mapping per large tensor
-    costs page faults on every step. Call before the model is built; False where glibc is not the
-    allocator."""
-    if on_gpu or config.deepspeed.zero_stage != 3:
-        return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        libc = None
-    if libc is None or not hasattr(libc, "mallopt"):
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def bucket_elements(config: TrainConfig, hidden_size: int) -> int:

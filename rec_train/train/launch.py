@@ -29,6 +29,7 @@ from rec_train.errors import DataError, RayrecError
 from rec_train.ray_session import init_ray, worker_runtime_env
 from rec_train.train.batches import item_events, task_columns, trainable_rows
 from rec_train.train.config import FinetuneSection, TrainConfig
+from rec_train.train.cpu_heap import heap_env
 from rec_train.train.run_log import read_metrics
 
 
@@ -277,7 +278,7 @@ def launch(config: TrainConfig, init_from: str | None = None, show_progress: boo
                 num_to_keep=config.checkpoint.keep, checkpoint_score_attribute=score,
                 checkpoint_score_order=order,
             ),
-            worker_runtime_env=worker_runtime_env(),
+            worker_runtime_env=worker_runtime_env(heap_env(config, config.scaling.use_gpu)),
         ),
         datasets={"train": train, "eval": evaluation},
         dataset_config=_data_config(),

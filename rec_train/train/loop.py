@@ -32,7 +32,8 @@ from rec_train.model import RecConfig
 from rec_train.train import checkpoint as ckpt
 from rec_train.train.batches import grouped_by_length, pointwise_batch, position_share, training_batch
 from rec_train.train.config import TrainConfig
-from rec_train.train.deepspeed_config import deepspeed_config, return_freed_memory
+from rec_train.train.cpu_heap import configure_heap
+from rec_train.train.deepspeed_config import deepspeed_config
 from rec_train.train.evaluate import model_scores, pointwise_predictions, rank_split, text_vectors
 from rec_train.train.metrics import (
     Catalogue,
@@ -171,7 +172,7 @@ def setup(payload: dict[str, Any]) -> Worker:
     torch.set_num_threads(config.train.torch_threads or max(1, int(config.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
-    return_freed_memory(config, on_gpu)
+    heap = configure_heap(config, on_gpu)
 
     torch.manual_seed(config.train.seed)
     popularity = {k: np.asarray(v, dtype=np.int64) for k, v in payload["popularity"].items()}
@@ -215,7 +216,8 @@ def setup(payload: dict[str, Any]) -> Worker:
         engine, config, model_config.max_seq_len, device, popularity, f"the model of run {run_uri}"
     )
     run_info = {
-        "config": payload["config"], "init_from": payload["init_from"], "run": run_uri, "parameters": parameters
+        "config": payload["config"], "init_from": payload["init_from"], "run": run_uri, "parameters": parameters,
+        "cpu_heap": heap,
     }  # fmt: skip
     shard = ray.train.get_dataset_shard("train")
     tracker = start_tracking(config, run_uri, run_uri.rstrip("/").rsplit("/", 1)[-1], rank)
@@ -250,6 +252,7 @@ def resume(worker: Worker) -> ckpt.TrainerState:
             "epoch": state.epoch,
             "step": state.step,
             **worker.run_info.get("parameters", {}),
+            "cpu_heap": worker.run_info["cpu_heap"],
         }
         append_metrics(worker.run_uri, [event], keep_through_epoch=state.epoch)
     return state

@@ -174,6 +174,8 @@ def test_zero3_export_resume_by_name_continue_and_finetune(cluster: dict, domain
     again = launch(config(str(domain_a), runs, "zero3", "deepspeed.zero_stage=3", "scaling.num_workers=2",
                           "train.epochs=3"), show_progress=False)  # fmt: skip
     assert epochs_trained(f"{runs}/zero3") == [1, 2, 3] and again["resumed"] == 1
+    # train.cpu_heap=auto hands freed memory back under ZeRO-3 (and keeps it under stages 0-2: test_train_local)
+    assert {r["cpu_heap"] for r in read_metrics(f"{runs}/zero3") if "event" in r} == {"release"}
 
     # continued pre-training: 10 new items; known items keep their rows exactly
     extended = write_dataset(work / "extended", items=70, step=1, seed=1)

@@ -60,6 +60,8 @@ def test_two_workers_train_checkpoint_and_export_what_they_reported(
     losses = [r["loss"] for r in records if "loss" in r]
     assert [r["epoch"] for r in records if "loss" in r] == [1, 2, 3]
     assert result["trainable_parameters"] == result["parameters"] > 0 and records[0]["event"] == "started"
+    # train.cpu_heap=auto under ZeRO-1: the workers started with KEEP_ENV
+    assert records[0]["cpu_heap"] == "keep"
     assert losses[-1] < losses[0]
     # data.cache: later epochs iterate the rows already in the object store, so no Ray Data task (and no
     # worker process for one) starts after the first epoch; with data.cache=false about 40 would here

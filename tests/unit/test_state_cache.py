@@ -44,7 +44,14 @@ def test_continuing_a_history_equals_encoding_it_again(encoder: str, overrides: 
     assert m.keeps_user_state
     history = torch.randint(1, 51, (20,))
     state = None
-    for start, end in ((0, 12), (12, 13), (13, 17), (17, 20)):
+    for start, end in (
+        (0, 1),
+        (1, 12),
+        (12, 13),
+        (13, 14),
+        (14, 17),
+        (17, 20),
+    ):  # one item: a path of its own
         vector, state = m.extend_user(history[start:end], state)
         full = m.encode_users(history[None, :end])[0]  # [d]
         torch.testing.assert_close(vector, full, atol=1e-5, rtol=0)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -307,21 +305,3 @@ def test_local_paths_are_made_absolute_for_the_workers(
     remote = absolute_paths(load_config(TrainConfig, None, ["data.path=s3://bucket/data/", "run.tracking=mlflow",
                                                              "run.tracking_uri=databricks"]))  # fmt: skip
     assert remote.data.path == "s3://bucket/data" and remote.run.tracking_uri == "databricks"
-
-
-@pytest.mark.parametrize(
-    ("stage", "on_gpu", "expected"), [(3, False, True), (2, False, False), (3, True, False)]
-)
-def test_freed_memory_goes_back_to_the_system_under_zero3_on_cpu(
-    stage: int, on_gpu: bool, expected: bool
-) -> None:
-    """glibc's mmap threshold is fixed (mallopt) only for ZeRO-3 on CPU workers; in a child process, as
-    it changes the allocator of the process that calls it."""
-    code = (
-        "from rec_train.train.config import TrainConfig;"
-        "from rec_train.train.deepspeed_config import return_freed_memory;"
-        f"c = TrainConfig.model_validate({{'data': {{'path': 'd'}}, 'deepspeed': {{'zero_stage': {stage}}}}});"
-        f"print(return_freed_memory(c, {on_gpu}))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == str(expected)
