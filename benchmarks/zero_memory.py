@@ -16,6 +16,11 @@ the memory model of `rec_train/train/memory.py` predicts (`states_mb`: weights, 
 moments, sharded by the stage) and `predicted_mb` = base + states, so the gap is what DeepSpeed keeps
 beyond the model (fp32 partition copies, buckets, gathered blocks).
 
+With the `3` setup, its checkpoint is then consolidated into the plain model in a fresh process, twice:
+as `rec-train export` does it (`streamed`: each weight gathered from the ranks' partitions when it is
+copied into the model) and with a full state dict gathered first (`whole`), with the peak resident MB of
+each and the size of the fp32 weights (`consolidation`).
+
 Prints one JSON line.
 """
 
@@ -26,6 +31,8 @@ import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -77,6 +84,35 @@ def peak_mb(
     return records[-1]["peak_memory_mb"]
 
 
+CONSOLIDATE = """
+import json, resource, sys
+from pathlib import Path
+from rec_train.train import checkpoint as ckpt
+directory = Path(sys.argv[1])
+if sys.argv[2] == "streamed":
+    ckpt.model_from_checkpoint(directory)
+else:  # every weight gathered into one full state dict first, then copied into the model
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from rec_train.model import RecModel
+    from rec_train.model.configuration import RecConfig
+    from rec_train.model.peft_utils import load_weights
+    with ckpt.safe_load.deepspeed_loads(directory / ckpt.DS_DIR):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(directory / ckpt.DS_DIR), tag=ckpt.DS_TAG)
+    load_weights(RecModel(RecConfig.from_json_file(str(directory / ckpt.MODEL_CONFIG))), state)
+print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def consolidation_peak_mb(checkpoint: Path, how: str) -> float:
+    """Peak resident MB of a fresh process that builds the plain model from a ZeRO checkpoint: `streamed`
+    (what `rec-train export` does: each weight gathered when it is copied in) or `whole` (a full state dict
+    gathered first)."""
+    child = subprocess.run(
+        [sys.executable, "-c", CONSOLIDATE, str(checkpoint), how], capture_output=True, text=True, check=True
+    )
+    return json.loads(child.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -114,6 +150,12 @@ def main() -> None:
             "states_mb": round(states),
             "predicted_mb": round(base + states),
         }
+    if "3" in results:  # the ZeRO-3 run's last checkpoint, consolidated both ways
+        (checkpoint,) = sorted(p for p in Path(runs, "zero3").glob("checkpoint_*") if p.is_dir())[-1:]
+        figures["consolidation"] = {
+            how: round(consolidation_peak_mb(checkpoint, how)) for how in ("whole", "streamed")
+        }
+        figures["consolidation"]["weights_mb"] = round(parameters * 4 / 2**20)
     if "0" in results:
         for result in results.values():
             result["ratio_to_stage_0"] = round(result["peak_mb"] / results["0"]["peak_mb"], 3)

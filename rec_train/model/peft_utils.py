@@ -3,6 +3,9 @@ sequence encoder and of the LM item tower."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -112,17 +115,31 @@ def apply_lora(model: RecModel, r: int = 8, alpha: int = 16, dropout: float = 0.
 
 
 def load_weights(
-    model: RecModel, state: dict[str, torch.Tensor], lora_rank: int = 0, lora_alpha: int = 0
+    model: RecModel, state: Mapping[str, Any], lora_rank: int = 0, lora_alpha: int = 0
 ) -> RecModel:
     """`model` with the weights of `state`: a state dict of `model` itself or, with `lora_rank`, of its
     LoRA model (`apply_lora(model, lora_rank, lora_alpha)`), whose adapters peft's `merge_and_unload`
-    then folds into the base weights (and whose trained pointwise head it keeps). A buffer missing from
-    `state` keeps its value; any other missing or unexpected key is a ValueError naming them."""
+    then folds into the base weights (and whose trained pointwise head it keeps). The values are copied in
+    one at a time, so a lazy state (tensors made on access, or objects with `contiguous()` such as
+    DeepSpeed's gathered ZeRO shards) never exists whole beside the model. A buffer missing from `state`
+    keeps its value; any other missing or unexpected key, or a shape that differs, is a ValueError."""
     target = apply_lora(model, r=lora_rank, alpha=lora_alpha) if lora_rank else model
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in dict(target.named_buffers())]
+    own = target.state_dict(keep_vars=True)
+    buffers = {name for name, _ in target.named_buffers()}
+    missing = [k for k in own if k not in state and k not in buffers]
+    unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise ValueError(f"missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for name in state:
+            value = state[name]
+            value = value if isinstance(value, torch.Tensor) else value.contiguous()
+            if tuple(value.shape) != tuple(own[name].shape):
+                raise ValueError(
+                    f"{name}: shape {tuple(value.shape)} where the model has {tuple(own[name].shape)}"
+                )
+            own[name].copy_(value)
+            del value
     return target.merge_and_unload() if lora_rank else model
 
 

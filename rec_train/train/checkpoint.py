@@ -108,8 +108,10 @@ def restore(engine: Any, directory: Path, rank: int, rng: bool = True) -> Traine
     return TrainerState.from_json((directory / TRAINER_STATE).read_text())
 
 
-def consolidated_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights (and buffers) from the shards of any ZeRO stage."""
+def consolidated_state_dict(directory: Path) -> dict[str, Any]:
+    """Full fp32 weights (and buffers) from the shards of any ZeRO stage. Under ZeRO 1-3 a weight is
+    gathered from the ranks' fp32 partitions (memory-mapped) only when its `contiguous()` is called, so
+    `load_weights` builds the model one tensor at a time instead of beside a second full copy."""
     ds_dir = directory / DS_DIR
     tag_dir = ds_dir / DS_TAG
     if not tag_dir.is_dir():
@@ -118,7 +120,7 @@ def consolidated_state_dict(directory: Path) -> dict[str, torch.Tensor]:
         with safe_load.deepspeed_loads(ds_dir):  # imports DeepSpeed first, its logs on stderr
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)
+            return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG, lazy_mode=True)
     # ZeRO-0: the full module is in the model states file
     states = safe_load.load(tag_dir / "mp_rank_00_model_states.pt")
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}

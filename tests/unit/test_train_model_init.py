@@ -46,6 +46,36 @@ def test_merged_lora_state_scores_like_the_peft_model() -> None:
         load_weights(RecModel(config), peft_model.state_dict())  # LoRA keys into the plain model
 
 
+class Gathered:
+    """Stands in the place of DeepSpeed's `GatheredTensor` in a lazy state: a shape, and the tensor made on
+    `contiguous()` (counted, and kept by no one once copied)."""
+
+    made = 0
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor, self.shape = tensor, tensor.shape
+
+    def contiguous(self) -> torch.Tensor:
+        Gathered.made += 1
+        return self.tensor.clone()
+
+
+def test_a_lazy_state_loads_tensor_by_tensor_and_shapes_are_checked() -> None:
+    torch.manual_seed(0)
+    config = build_config("tiny", num_items=30)
+    source = RecModel(config).eval()
+    state = {k: Gathered(v) for k, v in source.state_dict().items()}
+    Gathered.made = 0
+    loaded = load_weights(RecModel(config).eval(), state)
+    assert Gathered.made == len(state)
+    ids = torch.tensor([[0, 3, 5, 7], [1, 2, 3, 4]])
+    assert torch.equal(loaded.encode_users(ids), source.encode_users(ids))
+    name = next(k for k, v in source.state_dict().items() if v.dim() == 2)
+    wrong = {**source.state_dict(), name: torch.zeros(3, 3)}
+    with pytest.raises(ValueError, match=f"{name}: shape \\(3, 3\\)"):
+        load_weights(RecModel(config), wrong)
+
+
 def test_plot_writes_a_png_of_loss_and_ndcg(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
